@@ -1,0 +1,34 @@
+"""altjax: ALIGN and AltCLIP dual encoders in JAX/Flax NNX, numerically equal to transformers."""
+from setuptools import find_packages, setup
+
+setup(
+    name="altjax",
+    version="0.1.0",
+    description="Contrastive image-text dual encoders (ALIGN, AltCLIP) in JAX/Flax NNX with PyTorch parity",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["altjax", "altjax.*", "convert", "convert.*"]),
+    install_requires=[
+        "jax>=0.8",
+        "flax>=0.12.8",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "ml_collections>=1.0",
+        "numpy>=1.26",
+        "safetensors>=0.4",
+        "pillow>=10",
+    ],
+    extras_require={
+        # The PyTorch reference and everything the test suite needs. torch is pinned to the CPU wheel
+        # available on the project machines; an unpinned torch pulls several GB of CUDA packages.
+        "test": [
+            "torch==2.13.0",
+            "transformers==5.23.0",
+            "sentencepiece",
+            "tokenizers",
+            "pytest>=8",
+        ],
+    },
+    entry_points={"console_scripts": []},
+)
