@@ -1,0 +1,190 @@
+"""XLM-RoBERTa, the text tower of AltCLIP (transformers' ``AltCLIPTextModel``).
+
+``XLMRoberta`` is the bare encoder (transformers' ``AltRobertaModel`` without pooler, the same
+network as ``XLMRobertaModel(add_pooling_layer=False)``): RoBERTa embeddings, then post-LN layers
+that have exactly BERT's structure and names, so they are ``altjax.models.bert.BertLayer``. What
+differs from BERT is only the embeddings' position ids (counted over non-pad tokens, starting after
+the pad id) and the padding row of the position table. ``AltCLIPText`` adds AltCLIP's head: a
+LayerNorm over every token (``pre_LN``) and a Linear to ``project_dim`` (``transformation``); its
+pooled output is token 0 (``<s>``) of the transformed sequence.
+
+Attribute names mirror the PyTorch modules (``roberta.encoder.layers[i].attention.self.query``, ...)
+so that the table in ``altjax/conversion/xlm_roberta.py`` reads as a plain rename.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from altjax.models import layers
+from altjax.models.bert import BertEmbeddings, BertLayer
+from altjax.models.configuration import config_from_hf, config_to_hf
+from altjax.models.outputs import TowerOutput
+
+MODEL_TYPE = "altclip_text_model"
+
+
+@dataclasses.dataclass(frozen=True)
+class XLMRobertaConfig:
+    """The fields of HF ``AltCLIPTextConfig`` (XLM-R large defaults); unknown keys are kept in ``extra``.
+
+    ``project_dim`` is the width of AltCLIP's ``transformation`` head. The bare ``XLMRoberta``
+    ignores it and ``initializer_factor``.
+    """
+
+    vocab_size: int = 250002
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    intermediate_size: int = 4096
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.0
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    initializer_factor: float = 0.02
+    pad_token_id: int = 1
+    bos_token_id: Optional[int] = 0
+    eos_token_id: Optional[int] = 2
+    project_dim: int = 768
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
+        if self.pad_token_id is None:
+            raise ValueError("XLM-R needs pad_token_id: its position ids are counted from it")
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "XLMRobertaConfig":
+        """From an HF ``AltCLIPTextConfig`` dict; other keys (``model_type``, ...) go to ``extra``."""
+        return config_from_hf(cls, d)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF config dict: fields, kept extra keys, and ``model_type`` if it was not kept."""
+        d = config_to_hf(self)
+        d.setdefault("model_type", MODEL_TYPE)
+        return d
+
+
+def create_position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
+    """RoBERTa's position ids: non-pad tokens count ``pad+1, pad+2, ...`` (skipping pads); pads get ``pad``.
+
+    So with pad id 1 a row ``[0, 5, 6, 2, 1, 1]`` gets ``[2, 3, 4, 5, 1, 1]``, and the longest
+    usable sequence is ``max_position_embeddings - pad_token_id - 1`` tokens.
+    """
+    not_pad = (input_ids != pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(not_pad, axis=1) * not_pad + pad_token_id
+
+
+class XLMRobertaEmbeddings(BertEmbeddings):
+    """BERT's embeddings with RoBERTa's position ids and a padding row in the position table too."""
+
+    def __call__(
+        self, input_ids: jax.Array, token_type_ids: jax.Array, position_ids: Optional[jax.Array] = None
+    ) -> jax.Array:
+        if position_ids is None:
+            position_ids = create_position_ids(input_ids, self.pad_token_id)
+        words = self.word_embeddings(input_ids)
+        positions = self.position_embeddings(position_ids)
+        # Both PyTorch tables are Embedding(padding_idx=pad): the pad row of either never gets a
+        # gradient. Pads look up position row ``pad`` (see create_position_ids).
+        words = jnp.where((input_ids == self.pad_token_id)[..., None], jax.lax.stop_gradient(words), words)
+        positions = jnp.where(
+            (position_ids == self.pad_token_id)[..., None], jax.lax.stop_gradient(positions), positions
+        )
+        x = words + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x + positions))
+
+
+class XLMRobertaEncoder(nnx.Module):
+    # AltCLIP names the list ``layers`` in memory (``layer`` on disk); the table accepts both.
+    def __init__(self, config: XLMRobertaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.layers = nnx.List([BertLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)])
+
+
+class XLMRoberta(nnx.Module):
+    """The bare XLM-R encoder (no pooler). Built in eval mode; ``model.train()`` turns dropout on.
+
+    ``dtype`` is the compute dtype; parameters are float32.
+    """
+
+    def __init__(self, config: XLMRobertaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.embeddings = XLMRobertaEmbeddings(config, dtype=dtype, rngs=rngs)
+        self.encoder = XLMRobertaEncoder(config, dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: Optional[jax.Array] = None,
+        token_type_ids: Optional[jax.Array] = None,
+        position_ids: Optional[jax.Array] = None,
+        output_hidden_states: bool = False,
+    ) -> TowerOutput:
+        """Encodes (B, L) token ids.
+
+        ``attention_mask`` is (B, L), 1 for tokens to attend and 0 for padding. As in the
+        reference, None means no mask at all: pad tokens are attended (the model never infers a
+        mask from ``pad_token_id``). ``position_ids`` default to ``create_position_ids(input_ids)``
+        and ``token_type_ids`` to zeros. Returns ``last_hidden_state`` (B, L, D),
+        ``pooler_output=None`` (there is no pooler), and on request ``hidden_states`` (the embedding
+        output and every layer's output).
+        """
+        input_ids = jnp.asarray(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros(input_ids.shape, dtype=jnp.int32)
+        if position_ids is not None:
+            position_ids = jnp.asarray(position_ids)
+        # A boolean key mask broadcast over heads and queries: the same softmax as sdpa's bool mask.
+        mask = None if attention_mask is None else (jnp.asarray(attention_mask) != 0)[:, None, None, :]
+        h = self.embeddings(input_ids, jnp.asarray(token_type_ids), position_ids)
+        hidden_states = [h]
+        for layer in self.encoder.layers:
+            h = layer(h, mask)
+            hidden_states.append(h)
+        return TowerOutput(
+            last_hidden_state=h,
+            pooler_output=None,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+        )
+
+
+class AltCLIPText(nnx.Module):
+    """AltCLIP's text tower: ``XLMRoberta``, then ``pre_LN`` on every token, then ``transformation``.
+
+    Built in eval mode; ``model.train()`` turns dropout on. ``dtype`` is the compute dtype;
+    parameters are float32.
+    """
+
+    def __init__(self, config: XLMRobertaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.roberta = XLMRoberta(config, dtype=dtype, rngs=rngs)
+        self.transformation = layers.linear(config.hidden_size, config.project_dim, dtype=dtype, rngs=rngs)
+        self.pre_LN = layers.layer_norm(config.hidden_size, config.layer_norm_eps, dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: Optional[jax.Array] = None,
+        token_type_ids: Optional[jax.Array] = None,
+        position_ids: Optional[jax.Array] = None,
+        output_hidden_states: bool = False,
+    ) -> TowerOutput:
+        """Encodes (B, L) token ids (arguments as ``XLMRoberta.__call__``).
+
+        Returns ``last_hidden_state = transformation(pre_LN(h))`` (B, L, project_dim),
+        ``pooler_output`` its token 0 (B, project_dim), and on request the encoder's
+        ``hidden_states`` (before ``pre_LN``), as the reference does.
+        """
+        out = self.roberta(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        projected = self.transformation(self.pre_LN(out.last_hidden_state))
+        return TowerOutput(last_hidden_state=projected, pooler_output=projected[:, 0], hidden_states=out.hidden_states)
