@@ -239,5 +239,7 @@ def test_config_round_trip_and_defaults():
     for f in ours.__dataclass_fields__:
         if f != "extra":
             assert getattr(ours, f) == ref[f], f"default {f}: {getattr(ours, f)!r} != HF {ref[f]!r}"
+    # Hashable despite the dict of extra keys: the config is a static attribute of the module.
+    assert hash(nnx.graphdef(Bert(BertConfig(**CONFIGS["h32-heads4-l2-i37"], extra={"k": [1]}), rngs=nnx.Rngs(0))))
     with pytest.raises(ValueError, match="not a multiple"):
         BertConfig(hidden_size=30, num_attention_heads=4)
