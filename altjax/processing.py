@@ -107,7 +107,8 @@ class ImageProcessorConfig:
         """
         kind = str(d.get("image_processor_type") or default_type).removesuffix("Fast").removesuffix("Pil")
         if kind not in CLASS_DEFAULTS:
-            raise ValueError(f"unsupported image_processor_type {kind!r}; expected one of {sorted(CLASS_DEFAULTS)}")
+            raise ValueError(f"unsupported image_processor_type {kind!r}; "
+                             f"expected one of {sorted(CLASS_DEFAULTS)}")
         defaults = CLASS_DEFAULTS[kind]
         # As in transformers, an explicit null takes the class default.
         values = {k: (d[k] if d.get(k) is not None else v) for k, v in defaults.items()}
@@ -116,9 +117,11 @@ class ImageProcessorConfig:
         values["crop_size"] = _size_dict(values["crop_size"], True, "crop_size")
         values["resample"] = int(values["resample"])
         for k in ("image_mean", "image_std"):
-            values[k] = tuple(float(x) for x in values[k]) if isinstance(values[k], Sequence) else float(values[k])
+            v = values[k]
+            values[k] = tuple(float(x) for x in v) if isinstance(v, Sequence) else float(v)
         # processor_class names the processor, not these options; save_pretrained writes it afresh.
-        extra = {k: v for k, v in d.items() if k not in defaults and k not in ("image_processor_type", "processor_class")}
+        own = set(defaults) | {"image_processor_type", "processor_class"}
+        extra = {k: v for k, v in d.items() if k not in own}
         return cls(image_processor_type=kind, extra=extra, **values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,7 +160,8 @@ def _rgb_uint8(image: Any, convert_rgb: bool) -> np.ndarray:
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"image arrays must be (H, W) or (H, W, C) with C in 1, 3, 4, got shape {image.shape}")
+        raise ValueError(f"image arrays must be (H, W) or (H, W, C) with C in 1, 3, 4, "
+                         f"got shape {image.shape}")
     return _array_to_rgb(image)
 
 
@@ -174,7 +178,7 @@ def _resize_shape(height: int, width: int, size: dict[str, int]) -> tuple[int, i
 def _center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
     h, w = image.shape[:2]
     if h < height or w < width:
-        # The reference pads an image smaller than the crop with zeros, the extra pixel after.
+        # The reference zero-pads an image smaller than the crop, an odd pixel going on top/left.
         top, left = max(0, -(-(height - h) // 2)), max(0, -(-(width - w) // 2))
         padded = np.zeros((max(h, height), max(w, width), image.shape[2]), image.dtype)
         padded[top:top + h, left:left + w] = image
