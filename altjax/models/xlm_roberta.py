@@ -53,7 +53,8 @@ class XLMRobertaConfig:
     bos_token_id: Optional[int] = 0
     eos_token_id: Optional[int] = 2
     project_dim: int = 768
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Left out of the hash so that the config (a static attribute of the module) stays hashable.
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
