@@ -28,6 +28,9 @@ setup(
             "sentencepiece",
             "tokenizers",
             "pytest>=8",
+            # Real photos for the bit-exact preprocessing tests (shipped inside these packages).
+            "scikit-learn",
+            "scikit-image",
         ],
     },
     entry_points={"console_scripts": []},
