@@ -44,7 +44,7 @@ IMAGE_CONFIGS = {
     "clip-int-sizes": {"image_processor_type": "CLIPImageProcessor", "size": 160, "crop_size": 150,
                        "resample": 2},
     "efficientnet-crop-pads": {"image_processor_type": "EfficientNetImageProcessor",
-                               "size": {"height": 37, "width": 52}, "do_center_crop": True,
+                               "size": {"height": 36, "width": 53}, "do_center_crop": True,
                                "crop_size": {"height": 45, "width": 40}, "do_rescale": False,
                                "image_mean": 100.0, "image_std": 50.0, "resample": 1},
     "clip-no-rescale-no-normalize": {"image_processor_type": "CLIPImageProcessor", "do_rescale": False,
