@@ -16,9 +16,11 @@ also makes the result independent of the candidate order and of how the work is 
 or devices, so a sharded evaluation equals the single-device one exactly.
 
 Memory. Scores are never formed in full: queries are processed ``block_size`` at a time against
-all candidates (a ``lax.map`` over blocks), so the peak is ``block_size x num_candidates`` floats
-plus the candidates themselves. COCO 5k x 25k or 25k images x 125k captions fit comfortably. With a
-``mesh``, queries are split over the mesh's devices and the candidates all-gathered on each.
+all candidates (a ``fori_loop`` over blocks). XLA's memory analysis of the compiled function puts
+the temporaries at about three ``block_size x num_candidates`` float32 buffers: for 25k images x
+125k captions (D = 640, block 256) 73 MB for text->image and 366 MB for image->text, whatever the
+number of queries. With a ``mesh``, queries are split over the mesh's devices and the candidates
+all-gathered on each (another ``num_candidates x D`` floats per device).
 
 Scores are float32 matmuls at ``Precision.HIGHEST``: bfloat16 embeddings are upcast first, and the
 TPU/GPU default (bf16 passes) would create spurious ties and flip near-ties.
@@ -36,13 +38,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 AxisSpec = Optional[Union[str, Sequence[str]]]
 
 RECALL_KS = (1, 5, 10)
-DEFAULT_BLOCK_SIZE = 512
+DEFAULT_BLOCK_SIZE = 256
 
 
 def _block_ranks(queries, query_keys, candidates, candidate_keys, candidate_valid):
     """Ranks of one block of queries against all candidates (the whole computation is this)."""
     scores = jnp.dot(queries, candidates.T, precision=jax.lax.Precision.HIGHEST)
-    scores = jnp.where(candidate_valid[None, :], scores, -jnp.inf)
+    if candidate_valid is not None:
+        scores = jnp.where(candidate_valid[None, :], scores, -jnp.inf)
     positive = candidate_keys[None, :] == query_keys[:, None]
     best_positive = jnp.max(jnp.where(positive, scores, -jnp.inf), axis=1)
     return jnp.sum(scores > best_positive[:, None], axis=1, dtype=jnp.int32)
@@ -50,15 +53,19 @@ def _block_ranks(queries, query_keys, candidates, candidate_keys, candidate_vali
 
 def _local_ranks(queries, query_keys, candidates, candidate_keys, candidate_valid, *, block_size):
     n = queries.shape[0]
-    block = max(1, min(block_size, n))
-    blocks = -(-n // block)
-    # Padded queries have key -2, which no candidate has; their ranks are cut off below.
-    queries = _pad_rows(queries, blocks * block, 0).reshape(blocks, block, -1)
-    query_keys = _pad_rows(query_keys, blocks * block, -2).reshape(blocks, block)
-    ranks = jax.lax.map(
-        lambda qk: _block_ranks(qk[0], qk[1], candidates, candidate_keys, candidate_valid), (queries, query_keys)
-    )
-    return ranks.reshape(-1)[:n]
+    block = min(block_size, n)
+
+    def body(i, ranks):
+        # The last block is shifted back to end at row n instead of being padded: it recomputes a
+        # few ranks (to the same values) rather than copying every query into a padded array.
+        start = jnp.minimum(i * block, n - block)
+        q = jax.lax.dynamic_slice_in_dim(queries, start, block)
+        k = jax.lax.dynamic_slice_in_dim(query_keys, start, block)
+        block_ranks = _block_ranks(q, k, candidates, candidate_keys, candidate_valid)
+        return jax.lax.dynamic_update_slice_in_dim(ranks, block_ranks, start, 0)
+
+    # zeros_like(query_keys), not zeros(n): inside shard_map the carry must be device-varying too.
+    return jax.lax.fori_loop(0, -(-n // block), body, jnp.zeros_like(query_keys))
 
 
 def _axis_names(mesh: Mesh, axis: AxisSpec) -> tuple[str, ...]:
@@ -86,8 +93,7 @@ def _ranks(queries, query_keys, candidates, candidate_keys, *, mesh, axis, block
     query_keys = query_keys.astype(jnp.int32)
     candidate_keys = candidate_keys.astype(jnp.int32)
     if mesh is None:
-        valid = jnp.ones(num_candidates, bool)
-        return _local_ranks(queries, query_keys, candidates, candidate_keys, valid, block_size=block_size)
+        return _local_ranks(queries, query_keys, candidates, candidate_keys, None, block_size=block_size)
 
     shards = int(np.prod([mesh.shape[a] for a in axis]))
     axis_types = dict(zip(mesh.axis_names, mesh.axis_types))
@@ -107,8 +113,8 @@ def _ranks(queries, query_keys, candidates, candidate_keys, *, mesh, axis, block
         # sharded: replicate, then pad.
         return _pad_rows(reshard(x, P()), rows, value)
 
-    # Padded queries (key -2) are cut off at the end; padded candidates (key -1) are masked to -inf
-    # scores, so neither changes the rank of a real query.
+    # Padded queries (key -2, matching nothing) are cut off at the end; padded candidates (key -1)
+    # get -inf scores, so neither changes the rank of a real query.
     candidate_valid = pad_to_shards(jnp.ones(num_candidates, bool), False)
     inputs = (
         pad_to_shards(queries, 0),
@@ -148,7 +154,8 @@ def ranks_against(
       candidate_keys: (M,) ints.
       mesh: when given, queries are split over ``axis`` of the mesh (all its axes when ``axis`` is
         None) with ``jax.shard_map`` and candidates all-gathered; sizes need not divide evenly.
-      block_size: queries scored at once per device; peak memory is ``block_size * M`` floats.
+      block_size: queries scored at once per device; temporaries are about ``3 * block_size * M``
+        floats.
 
     Returns (Q,) int32 ranks (0 = best). Jit-compatible; inputs may be sharded arrays.
     """

@@ -1,0 +1,453 @@
+"""Retrieval recall and zero-shot metrics against brute-force references and hand-computed cases.
+
+Tolerances: ranks and recall percentages must agree exactly (they are counts); only the zero-shot
+classifier (a float32 mean of normalised vectors) is compared with atol 1e-6.
+"""
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from sklearn.metrics import balanced_accuracy_score
+
+from altjax.evaluation import (
+    CHINESE_TEMPLATES,
+    ENGLISH_TEMPLATES,
+    OPENAI_IMAGENET_SELECTED_TEMPLATES,
+    OPENAI_IMAGENET_TEMPLATES,
+    fill_template,
+    get_templates,
+    load_templates,
+    ranks_against,
+    retrieval_metrics,
+    retrieval_ranks,
+    zeroshot_classifier,
+    zeroshot_metrics,
+)
+from tests.helpers import assert_close
+
+KEYS = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10")
+
+
+# ---------------------------------------------------------------- references and data
+
+
+def argsort_reference(image_embeds, text_embeds, ids):
+    """Ranks by sorting every score row with np.argsort, looping over queries (no shared code)."""
+    scores = np.asarray(text_embeds, np.float64) @ np.asarray(image_embeds, np.float64).T
+    t2i = []
+    for t in range(scores.shape[0]):
+        order = list(np.argsort(-scores[t], kind="stable"))
+        t2i.append(order.index(ids[t]))
+    i2t = []
+    for i in range(scores.shape[1]):
+        order = np.argsort(-scores[:, i], kind="stable")
+        i2t.append(min(p for p, t in enumerate(order) if ids[t] == i))
+    return np.array(t2i), np.array(i2t)
+
+
+def counting_reference(image_embeds, text_embeds, ids):
+    """Ranks under the documented tie rule: candidates strictly above the best correct one."""
+    scores = np.asarray(text_embeds, np.float64) @ np.asarray(image_embeds, np.float64).T
+    t2i = [sum(s > scores[t, ids[t]] for s in scores[t]) for t in range(scores.shape[0])]
+    i2t = []
+    for i in range(scores.shape[1]):
+        best = max(scores[t, i] for t in range(scores.shape[0]) if ids[t] == i)
+        i2t.append(sum(s > best for s in scores[:, i]))
+    return np.array(t2i), np.array(i2t)
+
+
+def recalls_from_ranks(t2i, i2t):
+    out = {}
+    for name, ranks in (("t2i", t2i), ("i2t", i2t)):
+        for k in (1, 5, 10):
+            out[f"{name}_r{k}"] = 100.0 * sum(r < k for r in ranks) / len(ranks)
+    out["mr"] = sum(out[k] for k in KEYS) / 6
+    return out
+
+
+def caption_ids(rng, num_images):
+    """1 to 5 captions per image, in shuffled order (as a dataset would list them)."""
+    counts = rng.integers(1, 6, num_images)
+    return rng.permutation(np.repeat(np.arange(num_images), counts))
+
+
+def dyadic_embeds(rng, rows, dim, levels=512):
+    # Entries k/levels with |k| <= levels <= 512: the products' numerators are at most 2**18, so
+    # sums over up to 64 dimensions stay below 2**24 and every dot product is exact in float32 and
+    # float64 in any summation order. The JAX ranks and the float64 reference then see the very
+    # same scores, and exact agreement is a property rather than luck.
+    return (rng.integers(-levels, levels + 1, (rows, dim)) / levels).astype(np.float32)
+
+
+def unit_embeds(rng, rows, dim):
+    x = rng.standard_normal((rows, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def assert_metrics_equal(actual, expected, what):
+    assert set(actual) == set(KEYS) | {"mr"}, f"{what}: keys {sorted(actual)}"
+    for key in KEYS + ("mr",):
+        assert abs(actual[key] - expected[key]) <= 1e-9, f"{what}: {key} = {actual[key]} != {expected[key]}"
+
+
+def assert_ranks_equal(actual, expected, what):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    bad = np.flatnonzero(actual != expected)
+    assert bad.size == 0, (
+        f"{what}: {bad.size} ranks differ, first at {bad[0]}: {actual[bad[0]]} != {expected[bad[0]]}"
+    )
+
+
+# ---------------------------------------------------------------- retrieval
+
+
+@pytest.mark.parametrize(
+    "num_images, dim, block_size, seed",
+    [(1, 8, 512, 0), (37, 16, 512, 1), (37, 16, 7, 2), (120, 12, 64, 3)],
+)
+def test_retrieval_matches_argsort_reference(num_images, dim, block_size, seed):
+    rng = np.random.default_rng(seed)
+    ids = caption_ids(rng, num_images)
+    images, texts = dyadic_embeds(rng, num_images, dim), dyadic_embeds(rng, len(ids), dim)
+    scores = texts.astype(np.float64) @ images.astype(np.float64).T
+    # The argsort reference breaks ties by position, so this data must have none that matter.
+    for t in range(len(ids)):
+        tied = np.flatnonzero(scores[t] == scores[t, ids[t]])
+        assert list(tied) == [ids[t]], f"seed {seed}: caption {t} ties with images {tied}"
+    for i in range(num_images):
+        best = scores[ids == i, i].max()
+        tied = np.flatnonzero(scores[:, i] == best)
+        assert all(ids[tied] == i) or len(tied) == 1, f"seed {seed}: image {i} ties with captions {tied}"
+
+    t2i_ref, i2t_ref = argsort_reference(images, texts, ids)
+    t2i, i2t = retrieval_ranks(images, texts, ids, block_size=block_size)
+    assert_ranks_equal(t2i, t2i_ref, "text->image ranks vs argsort")
+    assert_ranks_equal(i2t, i2t_ref, "image->text ranks vs argsort")
+    metrics = retrieval_metrics(images, texts, ids, block_size=block_size)
+    assert_metrics_equal(metrics, recalls_from_ranks(t2i_ref, i2t_ref), "metrics vs argsort reference")
+
+
+def test_retrieval_hand_case_three_images_five_captions():
+    # image_embeds = identity, so the score of (caption t, image i) is text_embeds[t, i].
+    scores = np.array(
+        [
+            [0.9, 0.1, 0.2],  # image 0: rank 0
+            [0.3, 0.5, 0.4],  # image 0: rank 2
+            [0.6, 0.2, 0.7],  # image 1: rank 2
+            [0.1, 0.8, 0.5],  # image 2: rank 1
+            [0.2, 0.3, 0.25],  # image 2: rank 1
+        ],
+        np.float32,
+    )
+    ids = np.array([0, 0, 1, 2, 2])
+    # Image columns: image 0's best caption 0.9 is first; image 1's only caption (0.2) has 0.5, 0.8,
+    # 0.3 above it (rank 3); image 2's best caption (0.5) has 0.7 above it (rank 1).
+    expected = {
+        "t2i_r1": 20.0, "t2i_r5": 100.0, "t2i_r10": 100.0,
+        "i2t_r1": 100 / 3, "i2t_r5": 100.0, "i2t_r10": 100.0,
+    }
+    expected["mr"] = (20 + 100 + 100 + 100 / 3 + 100 + 100) / 6
+    t2i, i2t = retrieval_ranks(np.eye(3, dtype=np.float32), scores, ids)
+    assert_ranks_equal(t2i, [0, 2, 2, 1, 1], "hand case text->image ranks")
+    assert_ranks_equal(i2t, [0, 3, 1], "hand case image->text ranks")
+    assert_metrics_equal(retrieval_metrics(np.eye(3, dtype=np.float32), scores, ids), expected, "hand case")
+
+
+def score_row(size, positives, positive_scores, higher, tied=0):
+    """A score row: the given positives, ``higher`` others at 0.75, ``tied`` others exactly at the
+    best positive score, the rest at 0.0625."""
+    row = np.full(size, 0.0625, np.float32)
+    row[positives] = positive_scores
+    others = [j for j in range(size) if j not in positives]
+    row[others[:higher]] = 0.75
+    row[others[higher : higher + tied]] = max(positive_scores)
+    return row
+
+
+def test_retrieval_hand_case_text_to_image_boundaries():
+    # 12 images, 9 captions; caption t belongs to image t and has ranks[t] images above it; the last
+    # caption ties with 3 images and no image is above it: rank 0 under the tie rule.
+    ranks = [0, 0, 1, 4, 5, 9, 10, 11]
+    texts = np.stack(
+        [score_row(12, [t], [0.5], r) for t, r in enumerate(ranks)] + [score_row(12, [8], [0.5], 0, tied=3)]
+    )
+    ids = np.arange(9)
+    t2i, _ = retrieval_ranks(np.eye(12, dtype=np.float32), texts, ids)
+    assert_ranks_equal(t2i, ranks + [0], "text->image boundary ranks")
+    # retrieval_metrics needs every image captioned: images 9-11 get one caption each, rank 0.
+    texts = np.concatenate([texts, np.eye(12, dtype=np.float32)[9:]])
+    ids = np.arange(12)
+    metrics = retrieval_metrics(np.eye(12, dtype=np.float32), texts, ids)
+    # ranks 0,0,1,4,5,9,10,11,0,0,0,0: R@1 6/12, R@5 8/12 (adds 1 and 4), R@10 10/12 (adds 5 and 9).
+    for key, value in (("t2i_r1", 50.0), ("t2i_r5", 800 / 12), ("t2i_r10", 1000 / 12)):
+        assert abs(metrics[key] - value) <= 1e-9, f"{key} = {metrics[key]}, expected {value}"
+
+
+def test_retrieval_hand_case_image_to_text_any_caption():
+    # Texts are the identity, so the score of (image i, text t) is image_embeds[i, t]. 15 texts:
+    # image 0 owns texts 0-2, image 1 texts 3-7, image 2 texts 8-9, image 3 texts 10-14.
+    ids = np.array([0] * 3 + [1] * 5 + [2] * 2 + [3] * 5)
+    images = np.stack(
+        [
+            score_row(15, [0, 1, 2], [0.25, 0.5, 0.125], 2),  # best caption 0.5, 2 above: rank 2
+            score_row(15, [3, 4, 5, 6, 7], [0.5, 0.25, 0.25, 0.25, 0.25], 5),  # rank 5
+            score_row(15, [8, 9], [0.5, 0.25], 0, tied=2),  # best caption tied with 2 others: rank 0
+            score_row(15, [10, 11, 12, 13, 14], [0.5] * 5, 10),  # every caption below 10 texts
+        ]
+    )
+    _, i2t = retrieval_ranks(images, np.eye(15, dtype=np.float32), ids)
+    assert_ranks_equal(i2t, [2, 5, 0, 10], "image->text ranks")
+    metrics = retrieval_metrics(images, np.eye(15, dtype=np.float32), ids)
+    for key, value in (("i2t_r1", 25.0), ("i2t_r5", 50.0), ("i2t_r10", 75.0)):
+        assert abs(metrics[key] - value) <= 1e-9, f"{key} = {metrics[key]}, expected {value}"
+
+
+def test_retrieval_ties_follow_the_documented_rule():
+    # Coarse grid: scores tie all the time; ranks must be the strict-count ones in every direction.
+    rng = np.random.default_rng(7)
+    ids = caption_ids(rng, 30)
+    images, texts = dyadic_embeds(rng, 30, 4, levels=2), dyadic_embeds(rng, len(ids), 4, levels=2)
+    t2i_ref, i2t_ref = counting_reference(images, texts, ids)
+    t2i, i2t = retrieval_ranks(images, texts, ids, block_size=8)
+    assert_ranks_equal(t2i, t2i_ref, "tied text->image ranks")
+    assert_ranks_equal(i2t, i2t_ref, "tied image->text ranks")
+
+
+def meshes():
+    return {
+        "8 explicit": (jax.make_mesh((8,), ("batch",)), None),
+        "8 auto": (jax.make_mesh((8,), ("batch",), axis_types=(AxisType.Auto,)), None),
+        "4x2, data only": (jax.make_mesh((4, 2), ("data", "model")), "data"),
+        "4x2, both axes": (jax.make_mesh((4, 2), ("data", "model")), ("data", "model")),
+    }
+
+
+@pytest.mark.parametrize("mesh_name", list(meshes()))
+def test_retrieval_sharded_equals_single_device(mesh_name):
+    mesh, axis = meshes()[mesh_name]
+    rng = np.random.default_rng(11)
+    # Uneven sizes (37 images, ids counts that do not divide 8) and random unit embeddings.
+    ids = caption_ids(rng, 37)
+    images, texts = unit_embeds(rng, 37, 32), unit_embeds(rng, len(ids), 32)
+    single = retrieval_ranks(images, texts, ids)
+    sharded = retrieval_ranks(images, texts, ids, mesh=mesh, axis=axis, block_size=3)
+    for name, a, b in zip(("t2i", "i2t"), sharded, single):
+        assert_ranks_equal(a, b, f"{mesh_name}: sharded {name} ranks vs single device")
+
+    # Entries in {-1, 0, 1}: integer scores that tie all the time; the sharded computation must
+    # still follow the strict-count rule exactly (same shapes as above: no new compilation).
+    tie_images, tie_texts = dyadic_embeds(rng, 37, 32, levels=1), dyadic_embeds(rng, len(ids), 32, levels=1)
+    for name, a, b in zip(
+        ("t2i", "i2t"),
+        retrieval_ranks(tie_images, tie_texts, ids, mesh=mesh, axis=axis, block_size=3),
+        counting_reference(tie_images, tie_texts, ids),
+    ):
+        assert_ranks_equal(a, b, f"{mesh_name}: sharded tied {name} ranks vs counting reference")
+
+
+def test_retrieval_under_jit_on_sharded_embeddings():
+    mesh = jax.make_mesh((8,), ("batch",))
+    rng = np.random.default_rng(12)
+    ids = np.repeat(np.arange(40), 3)  # 40 images, 120 captions: both divide 8
+    images, texts = unit_embeds(rng, 40, 16), unit_embeds(rng, 120, 16)
+    shard = NamedSharding(mesh, P("batch"))
+    sharded_args = [jax.device_put(x, shard) for x in (images, texts, ids)]
+    ranks = jax.jit(lambda i, t, d: retrieval_ranks(i, t, d, mesh=mesh, block_size=4))(*sharded_args)
+    for name, a, b in zip(("t2i", "i2t"), ranks, retrieval_ranks(images, texts, ids)):
+        assert_ranks_equal(a, b, f"jit on sharded inputs: {name}")
+    sharded_metrics, single_metrics = retrieval_metrics(*sharded_args, mesh=mesh), retrieval_metrics(images, texts, ids)
+    assert sharded_metrics == single_metrics, f"sharded {sharded_metrics} != single device {single_metrics}"
+
+
+def test_retrieval_memory_is_bounded_by_the_block():
+    # Compile only (nothing runs): 25k images x 125k captions at D = 640, and twice the queries.
+    # XLA's temporaries must stay near 3 score blocks (block x candidates) and not grow with the
+    # number of queries; a full 25k x 125k score matrix would be 11.6 GiB.
+    def temp_bytes(num_queries, num_candidates, block):
+        spec = jax.ShapeDtypeStruct
+        lowered = jax.jit(functools.partial(ranks_against, block_size=block)).lower(
+            spec((num_queries, 640), jnp.float32), spec((num_queries,), jnp.int32),
+            spec((num_candidates, 640), jnp.float32), spec((num_candidates,), jnp.int32),
+        )
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    for queries, candidates in ((25_000, 125_000), (50_000, 125_000), (125_000, 25_000)):
+        block_bytes = 256 * candidates * 4
+        measured = temp_bytes(queries, candidates, 256)
+        assert measured <= 3.5 * block_bytes, (
+            f"{queries} queries x {candidates} candidates: temporaries {measured / 2**20:.0f} MiB > "
+            f"3.5 score blocks ({3.5 * block_bytes / 2**20:.0f} MiB)"
+        )
+
+
+def test_retrieval_bfloat16_embeddings_are_upcast():
+    rng = np.random.default_rng(13)
+    ids = caption_ids(rng, 20)
+    images = jnp.asarray(unit_embeds(rng, 20, 16), jnp.bfloat16)
+    texts = jnp.asarray(unit_embeds(rng, len(ids), 16), jnp.bfloat16)
+    expected = retrieval_metrics(images.astype(jnp.float32), texts.astype(jnp.float32), ids)
+    assert retrieval_metrics(images, texts, ids) == expected, "bf16 inputs differ from their fp32 upcast"
+
+
+def test_retrieval_input_errors():
+    images, texts = np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"text_image_ids\[2\] = 3 is not a valid index into 3 images"):
+        retrieval_metrics(images, texts, [0, 1, 3])
+    with pytest.raises(ValueError, match="1 of 3 images have no caption .first: image 2"):
+        retrieval_metrics(images, texts, [0, 1, 1])
+    with pytest.raises(ValueError, match=r"expected \(3,\), one per caption"):
+        retrieval_metrics(images, texts, [0, 1])
+    with pytest.raises(ValueError, match="embedding sizes differ"):
+        retrieval_metrics(images, texts[:, :2], [0, 1, 2])
+
+
+# ---------------------------------------------------------------- zero-shot
+
+
+def class_scores(num_classes, label, rank, tied=False):
+    """An image whose score row (classifier = identity) puts ``rank`` classes above its label;
+    ``tied`` adds one class with exactly the label's score, placed after the label so that argmax
+    (first maximum, as sklearn's reference below sees it) also picks the label."""
+    row = np.full(num_classes, 0.25, np.float32)
+    row[label] = 0.5
+    others = [c for c in range(num_classes) if c != label]
+    row[others[:rank]] = 0.75
+    if tied:
+        row[[c for c in others[rank:] if c > label][0]] = 0.5
+    return row
+
+
+def test_zeroshot_metrics_constructed_case():
+    # 7 classes (class 4 has no images); (label, rank, tied) for 14 images.
+    images_spec = (
+        [(0, 0, False)] * 3
+        + [(1, 0, False), (1, 1, False)]
+        + [(2, 0, False), (2, 0, False), (2, 4, False), (2, 5, False)]
+        + [(3, 6, False)]
+        + [(5, 0, True), (5, 2, False)]
+        + [(6, 0, False)] * 2
+    )
+    labels = np.array([s[0] for s in images_spec])
+    images = np.stack([class_scores(7, *s) for s in images_spec])
+    classifier = np.eye(7, dtype=np.float32)
+    expected = {
+        "top1": 100 * 9 / 14,  # rank 0: 3 + 1 + 2 + 0 + 1 + 2
+        "top5": 100 * 12 / 14,  # all but ranks 5 and 6
+        "mean_per_class_recall": 100 * (1 + 1 / 2 + 2 / 4 + 0 + 1 / 2 + 1) / 6,  # 6 classes present
+    }
+    metrics = zeroshot_metrics(images, classifier, labels)
+    assert set(metrics) == set(expected), f"keys {sorted(metrics)}"
+    for key, value in expected.items():
+        assert abs(metrics[key] - value) <= 1e-9, f"{key} = {metrics[key]}, expected {value}"
+    sklearn_value = 100 * balanced_accuracy_score(labels, np.argmax(images @ classifier.T, axis=1))
+    assert abs(metrics["mean_per_class_recall"] - sklearn_value) <= 1e-9, (
+        f"mean_per_class_recall {metrics['mean_per_class_recall']} != sklearn balanced accuracy {sklearn_value}"
+    )
+    # The logit scale multiplies every score: no metric may change. Neither may sharding.
+    assert zeroshot_metrics(images, 100.0 * classifier, labels) == metrics, "logit scale changed the metrics"
+    mesh = jax.make_mesh((8,), ("batch",))
+    assert zeroshot_metrics(images, classifier, labels, mesh=mesh, block_size=1) == metrics, "sharded differs"
+
+
+def test_zeroshot_fewer_than_five_classes_and_errors():
+    images = np.stack([class_scores(3, 0, 2), class_scores(3, 1, 0), class_scores(3, 2, 1)])
+    metrics = zeroshot_metrics(images, np.eye(3, dtype=np.float32), [0, 1, 2])
+    assert metrics["top5"] == 100.0, f"top5 with 3 classes is over min(5, C) = 3 classes: got {metrics['top5']}"
+    assert abs(metrics["top1"] - 100 / 3) <= 1e-9, f"top1 {metrics['top1']}"
+    with pytest.raises(ValueError, match=r"labels\[1\] = 3 is not a valid index into 3 classes"):
+        zeroshot_metrics(images, np.eye(3, dtype=np.float32), [0, 3, 1])
+    with pytest.raises(ValueError, match="one per image"):
+        zeroshot_metrics(images, np.eye(3, dtype=np.float32), [0, 1])
+
+
+def test_zeroshot_classifier_averages_normalised_template_embeddings():
+    table = {
+        "a photo of a cat.": [3.0, 4.0, 0.0],
+        "a drawing of a cat.": [0.0, 0.0, 2.0],
+        "a photo of a dog.": [1.0, 0.0, 0.0],
+        "a drawing of a dog.": [5.0, 0.0, 0.0],
+    }
+    calls = []
+
+    def encode_text(prompts):
+        calls.append(list(prompts))
+        return jnp.asarray([table[p] for p in prompts])
+
+    classifier = zeroshot_classifier(encode_text, ["cat", "dog"], ["a photo of a {}.", "a drawing of a {}."])
+    assert calls == [
+        ["a photo of a cat.", "a drawing of a cat."],
+        ["a photo of a dog.", "a drawing of a dog."],
+    ], f"encode_text calls {calls}"
+    # cat: mean of (0.6, 0.8, 0) and (0, 0, 1) is (0.3, 0.4, 0.5), of norm sqrt(0.5).
+    expected = np.array([[0.3, 0.4, 0.5], [1.0, 0.0, 0.0]]) / np.array([[np.sqrt(0.5)], [1.0]])
+    assert classifier.dtype == jnp.float32, f"classifier dtype {classifier.dtype}"
+    assert_close(classifier, expected, atol=1e-6, what="zero-shot classifier vs hand computation")
+    with pytest.raises(ValueError, match="template 1 'a drawing' has no '{}' placeholder"):
+        zeroshot_classifier(encode_text, ["cat"], ["a photo of a {}.", "a drawing"])
+
+
+# ---------------------------------------------------------------- templates
+
+
+def test_builtin_templates():
+    sets = {
+        "OPENAI_IMAGENET_TEMPLATES": OPENAI_IMAGENET_TEMPLATES,
+        "OPENAI_IMAGENET_SELECTED_TEMPLATES": OPENAI_IMAGENET_SELECTED_TEMPLATES,
+        "ENGLISH_TEMPLATES": ENGLISH_TEMPLATES,
+        "CHINESE_TEMPLATES": CHINESE_TEMPLATES,
+    }
+    for name, templates in sets.items():
+        assert len(set(templates)) == len(templates), f"{name} has duplicates"
+        assert all(t.count("{}") == 1 for t in templates), f"{name}: a template without exactly one {{}}"
+    assert len(OPENAI_IMAGENET_TEMPLATES) == 80, f"{len(OPENAI_IMAGENET_TEMPLATES)} OpenAI templates, expected 80"
+    assert OPENAI_IMAGENET_TEMPLATES[0] == "a bad photo of a {}."
+    assert OPENAI_IMAGENET_TEMPLATES[35] == "a {} in a video game."
+    assert OPENAI_IMAGENET_TEMPLATES[-1] == "a tattoo of the {}."
+    assert len(OPENAI_IMAGENET_SELECTED_TEMPLATES) == 7
+    assert set(OPENAI_IMAGENET_SELECTED_TEMPLATES) <= set(OPENAI_IMAGENET_TEMPLATES)
+    assert CHINESE_TEMPLATES[0] == "一张{}的照片。"
+    assert fill_template("一张{}的照片。", "猫") == "一张猫的照片。"
+    assert fill_template("{a} photo of a {}.", "cat") == "{a} photo of a cat."
+    assert get_templates("zh") == CHINESE_TEMPLATES and get_templates("openai_imagenet") == OPENAI_IMAGENET_TEMPLATES
+
+
+def test_load_templates_formats_and_errors(tmp_path):
+    text = tmp_path / "prompts.txt"
+    text.write_text("# my prompts\n\na photo of a {}.\n  一张{}的照片。  \n", encoding="utf-8")
+    assert load_templates(text) == ("a photo of a {}.", "一张{}的照片。")
+    assert get_templates(str(text)) == ("a photo of a {}.", "一张{}的照片。")
+
+    as_json = tmp_path / "prompts.json"
+    as_json.write_text(json.dumps(["a {}.", "the {}."]), encoding="utf-8")
+    assert load_templates(as_json) == ("a {}.", "the {}.")
+    untyped = tmp_path / "prompts.lst"
+    untyped.write_text(' ["a {}."]', encoding="utf-8")
+    assert load_templates(untyped) == ("a {}.",)
+
+    bad_line = tmp_path / "bad.txt"
+    bad_line.write_text("a photo of a {}.\n\na photo of a cat\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.txt, line 3: template 'a photo of a cat' has no '\{\}'"):
+        load_templates(bad_line)
+    bad_entry = tmp_path / "bad.json"
+    bad_entry.write_text(json.dumps(["a {}.", "a cat"]), encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.json: template 1 'a cat' has no"):
+        load_templates(bad_entry)
+    not_list = tmp_path / "obj.json"
+    not_list.write_text(json.dumps({"t": "a {}."}), encoding="utf-8")
+    with pytest.raises(ValueError, match="expected a JSON list of template strings, got dict"):
+        load_templates(not_list)
+    broken = tmp_path / "broken.json"
+    broken.write_text('["a {}.",', encoding="utf-8")
+    with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+        load_templates(broken)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty.txt: no templates"):
+        load_templates(empty)
+    with pytest.raises(ValueError, match="neither a built-in template set"):
+        get_templates(str(tmp_path / "missing.txt"))
