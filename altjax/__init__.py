@@ -11,13 +11,15 @@ _LAZY = {
     "AlignModel": "altjax.models.align",
     "AltCLIPConfig": "altjax.models.altclip",
     "AltCLIPModel": "altjax.models.altclip",
+    "AlignProcessor": "altjax.processing",
+    "AltCLIPProcessor": "altjax.processing",
 }
 
 
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in ("losses", "sharding", "conversion", "checkpoint", "models"):
+    if name in ("losses", "sharding", "conversion", "checkpoint", "models", "processing", "evaluation"):
         return importlib.import_module(f"altjax.{name}")
     raise AttributeError(f"module 'altjax' has no attribute {name!r}")
 
