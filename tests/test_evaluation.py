@@ -207,13 +207,21 @@ def test_retrieval_hand_case_image_to_text_any_caption():
         assert abs(metrics[key] - value) <= 1e-9, f"{key} = {metrics[key]}, expected {value}"
 
 
+@functools.lru_cache(maxsize=None)
+def uneven_case():
+    """37 images with 1-5 captions each (sizes that do not divide 8): random unit embeddings, and
+    entries in {-1, 0, 1} whose integer scores tie all the time. One shape, so one compilation."""
+    rng = np.random.default_rng(11)
+    ids = caption_ids(rng, 37)
+    unit = unit_embeds(rng, 37, 32), unit_embeds(rng, len(ids), 32)
+    tied = dyadic_embeds(rng, 37, 32, levels=1), dyadic_embeds(rng, len(ids), 32, levels=1)
+    return ids, unit, tied
+
+
 def test_retrieval_ties_follow_the_documented_rule():
-    # Coarse grid: scores tie all the time; ranks must be the strict-count ones in every direction.
-    rng = np.random.default_rng(7)
-    ids = caption_ids(rng, 30)
-    images, texts = dyadic_embeds(rng, 30, 4, levels=2), dyadic_embeds(rng, len(ids), 4, levels=2)
+    ids, _, (images, texts) = uneven_case()
     t2i_ref, i2t_ref = counting_reference(images, texts, ids)
-    t2i, i2t = retrieval_ranks(images, texts, ids, block_size=8)
+    t2i, i2t = retrieval_ranks(images, texts, ids)
     assert_ranks_equal(t2i, t2i_ref, "tied text->image ranks")
     assert_ranks_equal(i2t, i2t_ref, "tied image->text ranks")
 
@@ -230,18 +238,12 @@ def meshes():
 @pytest.mark.parametrize("mesh_name", list(meshes()))
 def test_retrieval_sharded_equals_single_device(mesh_name):
     mesh, axis = meshes()[mesh_name]
-    rng = np.random.default_rng(11)
-    # Uneven sizes (37 images, ids counts that do not divide 8) and random unit embeddings.
-    ids = caption_ids(rng, 37)
-    images, texts = unit_embeds(rng, 37, 32), unit_embeds(rng, len(ids), 32)
+    ids, (images, texts), (tie_images, tie_texts) = uneven_case()
     single = retrieval_ranks(images, texts, ids)
     sharded = retrieval_ranks(images, texts, ids, mesh=mesh, axis=axis, block_size=3)
     for name, a, b in zip(("t2i", "i2t"), sharded, single):
         assert_ranks_equal(a, b, f"{mesh_name}: sharded {name} ranks vs single device")
-
-    # Entries in {-1, 0, 1}: integer scores that tie all the time; the sharded computation must
-    # still follow the strict-count rule exactly (same shapes as above: no new compilation).
-    tie_images, tie_texts = dyadic_embeds(rng, 37, 32, levels=1), dyadic_embeds(rng, len(ids), 32, levels=1)
+    # With ties the sharded computation must still follow the strict-count rule exactly.
     for name, a, b in zip(
         ("t2i", "i2t"),
         retrieval_ranks(tie_images, tie_texts, ids, mesh=mesh, axis=axis, block_size=3),
@@ -260,8 +262,12 @@ def test_retrieval_under_jit_on_sharded_embeddings():
     ranks = jax.jit(lambda i, t, d: retrieval_ranks(i, t, d, mesh=mesh, block_size=4))(*sharded_args)
     for name, a, b in zip(("t2i", "i2t"), ranks, retrieval_ranks(images, texts, ids)):
         assert_ranks_equal(a, b, f"jit on sharded inputs: {name}")
-    sharded_metrics, single_metrics = retrieval_metrics(*sharded_args, mesh=mesh), retrieval_metrics(images, texts, ids)
+    single_metrics = retrieval_metrics(images, texts, ids)
+    sharded_metrics = retrieval_metrics(*sharded_args, mesh=mesh)
     assert sharded_metrics == single_metrics, f"sharded {sharded_metrics} != single device {single_metrics}"
+    # Without a mesh argument, sharded inputs are gathered and scored as one.
+    gathered_metrics = retrieval_metrics(*sharded_args, block_size=7)
+    assert gathered_metrics == single_metrics, f"mesh=None on sharded {gathered_metrics} != {single_metrics}"
 
 
 def test_retrieval_memory_is_bounded_by_the_block():
@@ -286,10 +292,8 @@ def test_retrieval_memory_is_bounded_by_the_block():
 
 
 def test_retrieval_bfloat16_embeddings_are_upcast():
-    rng = np.random.default_rng(13)
-    ids = caption_ids(rng, 20)
-    images = jnp.asarray(unit_embeds(rng, 20, 16), jnp.bfloat16)
-    texts = jnp.asarray(unit_embeds(rng, len(ids), 16), jnp.bfloat16)
+    ids, unit, _ = uneven_case()
+    images, texts = (jnp.asarray(x, jnp.bfloat16) for x in unit)
     expected = retrieval_metrics(images.astype(jnp.float32), texts.astype(jnp.float32), ids)
     assert retrieval_metrics(images, texts, ids) == expected, "bf16 inputs differ from their fp32 upcast"
 
