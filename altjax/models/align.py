@@ -20,7 +20,7 @@ from altjax import losses
 from altjax.models import layers
 from altjax.models.bert import Bert, BertConfig
 from altjax.models.configuration import config_from_hf, config_to_hf
-from altjax.models.efficientnet import EfficientNet, EfficientNetConfig
+from altjax.models.efficientnet import EfficientNet, EfficientNetConfig, round_filters
 from altjax.models.outputs import DualEncoderOutput, TowerOutput
 
 MODEL_TYPE = "align"
@@ -61,7 +61,8 @@ class AlignConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF config dict; ``from_hf(d).to_hf() == d`` for a dict written by transformers."""
-        d = config_to_hf(self)
+        # The towers write their own dicts: the vision config adds its derived num_hidden_layers.
+        d = config_to_hf(self) | {"text_config": self.text_config.to_hf(), "vision_config": self.vision_config.to_hf()}
         # Configs built in Python (presets) have no model_type in ``extra``; transformers needs it.
         d.setdefault("model_type", MODEL_TYPE)
         d["text_config"].setdefault("model_type", TEXT_MODEL_TYPE)
@@ -128,6 +129,14 @@ class AlignModel(nnx.Module):
     """
 
     def __init__(self, config: AlignConfig, *, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None):
+        vision = config.vision_config
+        image_dim = round_filters(vision, vision.out_channels[-1])
+        if config.projection_dim != image_dim:
+            # transformers builds such a model and fails in the first forward's matmul.
+            raise ValueError(
+                f"projection_dim {config.projection_dim} must equal the vision tower's output channels "
+                f"{image_dim}: ALIGN has no image projection"
+            )
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self.config = config
         self.text_model = Bert(config.text_config, dtype=dtype, rngs=rngs)
