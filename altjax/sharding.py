@@ -1,0 +1,182 @@
+"""One device mesh for data and parameters, parameter partition rules, sharded initialisation.
+
+The mesh has the axes ``("data", "model")``. The batch is split over the *batch axes*, every mesh
+axis except ``"model"`` (so ``("data",)`` for the default mesh); parameters are split by a short
+table of rules, each a regular expression on the parameter path (``"text_projection/kernel"``,
+``"text_model/encoder/layer/0/attention/self/query/kernel"``) and the PartitionSpec to use. The
+first rule whose pattern matches (``re.search``) wins. The spec ``FSDP`` means: shard the largest
+dimension divisible by the batch-axis device count over the batch axes if the parameter has at
+least ``fsdp_min_size`` elements, else replicate (fully sharded data parallelism, which costs
+nothing in a mesh whose data axis has one device).
+
+Tensor parallelism is a rule away, e.g. ``(r"attention/self/(query|key|value)/kernel$",
+P(None, "model"))`` placed before the default rule.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Sequence, Union
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+AXIS_NAMES = (DATA_AXIS, MODEL_AXIS)
+
+FSDP = "fsdp"
+"""Rule target: shard the largest divisible dimension over the batch axes (see module docstring)."""
+
+FSDP_MIN_SIZE = 2**18
+"""Parameters with fewer elements (1 MiB in fp32) stay replicated under ``FSDP``."""
+
+Rule = tuple[str, Union[P, str]]
+
+PARTITION_RULES: tuple[Rule, ...] = (
+    # The learnable logit scalars (ALIGN's temperature, AltCLIP's logit_scale) stay replicated
+    # whatever fsdp_min_size is: every device needs them for the loss.
+    (r"(^|/)(temperature|logit_scale|logit_bias)$", P()),
+    (r".*", FSDP),
+)
+
+
+def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The ("data", "model") mesh over ``devices`` (default: all global devices).
+
+    One of the sizes may be -1, meaning "all the remaining devices". The axes are of type Auto,
+    so jit propagates shardings the usual (GSPMD) way; ``contrastive_loss`` and the training step
+    use ``jax.shard_map`` where they need explicit collectives.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, model]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data}, model={model}")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if known <= 0 or len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into data={data}, model={model}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices) or min(sizes) < 1:
+        raise ValueError(f"mesh data={sizes[0]} x model={sizes[1]} does not use the {len(devices)} devices")
+    return jax.make_mesh(tuple(sizes), AXIS_NAMES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes the batch is split over: every axis except ``"model"``."""
+    return tuple(name for name in mesh.axis_names if name != MODEL_AXIS)
+
+
+def batch_size_divisor(mesh: Mesh) -> int:
+    """Number of devices on the batch axes; global batch sizes must be multiples of it."""
+    return math.prod(mesh.shape[name] for name in batch_axes(mesh))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over the batch axes, everything else replicated."""
+    return NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def path_to_str(path) -> str:
+    """A pytree key path as ``"a/b/0/c"``, dropping the ``.value`` of nnx Variables."""
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            if key.name != "value":
+                parts.append(key.name)
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _fsdp_spec(shape, mesh: Mesh, fsdp_min_size: int) -> P:
+    axes = batch_axes(mesh)
+    num = batch_size_divisor(mesh)
+    if num == 1 or math.prod(shape) < fsdp_min_size:
+        return P()
+    candidates = [d for d in range(len(shape)) if shape[d] % num == 0]
+    if not candidates:
+        return P()
+    # Largest dimension first; among equals the last one, which keeps matmul inputs contiguous.
+    dim = max(candidates, key=lambda d: (shape[d], d))
+    spec = [None] * len(shape)
+    spec[dim] = axes if len(axes) > 1 else axes[0]
+    return P(*spec)
+
+
+def _check_spec(path: str, shape, spec: P, mesh: Mesh) -> None:
+    if len(spec) > len(shape):
+        raise ValueError(f"partition rule for {path!r}: spec {spec} has more entries than its shape {shape}")
+    for size, entry in zip(shape, spec):
+        names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        count = math.prod(mesh.shape[name] for name in names)
+        if size % count:
+            raise ValueError(f"partition rule for {path!r}: dimension {size} of {shape} is not "
+                             f"divisible by the {count} devices of mesh axes {names} in spec {spec}")
+
+
+def partition_spec(path, shape, mesh: Mesh, rules: Sequence[Rule] = PARTITION_RULES, *,
+                   fsdp_min_size: int = FSDP_MIN_SIZE) -> P:
+    """The PartitionSpec of the parameter at ``path`` (a string or a pytree key path).
+
+    The first rule whose regex matches the path decides; a path that no rule matches is an error.
+    """
+    name = path if isinstance(path, str) else path_to_str(path)
+    shape = tuple(shape)
+    for pattern, spec in rules:
+        if re.search(pattern, name):
+            if isinstance(spec, str):
+                if spec != FSDP:
+                    raise ValueError(f"rule {pattern!r}: unknown spec {spec!r} (a PartitionSpec or FSDP)")
+                return _fsdp_spec(shape, mesh, fsdp_min_size)
+            _check_spec(name, shape, spec, mesh)
+            return spec
+    raise ValueError(f"no partition rule matches parameter {name!r}")
+
+
+def state_shardings(state, mesh: Mesh, rules: Sequence[Rule] = PARTITION_RULES, *,
+                    fsdp_min_size: int = FSDP_MIN_SIZE):
+    """NamedShardings for every leaf of ``state`` (an nnx.State or any pytree of arrays/shapes)."""
+    def one(path, leaf):
+        return NamedSharding(mesh, partition_spec(path, np.shape(leaf), mesh, rules,
+                                                  fsdp_min_size=fsdp_min_size))
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def sharded_init(make_model: Callable[[], nnx.Module], mesh: Mesh,
+                 rules: Sequence[Rule] = PARTITION_RULES, *, fsdp_min_size: int = FSDP_MIN_SIZE):
+    """Builds ``make_model()`` with every parameter created directly in its sharded layout.
+
+    ``make_model`` takes no arguments and must create its own ``nnx.Rngs`` (e.g.
+    ``lambda: AlignModel(config, rngs=nnx.Rngs(0))``). The model is traced abstractly, the
+    shardings are derived from its shapes, and the initialisers run under ``jax.jit`` with those
+    ``out_shardings``, so each device only computes and holds its shards. With JAX's default
+    partitionable threefry the values equal those of an unsharded ``make_model()``.
+    """
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
+    shardings = state_shardings(abstract_state, mesh, rules, fsdp_min_size=fsdp_min_size)
+
+    def init():
+        return nnx.split(make_model())[1]
+
+    state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def shard_batch(local_batch, mesh: Mesh):
+    """Global arrays from this process's slice of the batch (a pytree of NumPy arrays).
+
+    Each process passes its own rows (its share of the global batch, in process order); the
+    leading dimension of the result is the global batch, split over the batch axes.
+    """
+    sharding = batch_sharding(mesh)
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
