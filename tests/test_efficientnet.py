@@ -1,0 +1,385 @@
+"""The EfficientNet image tower against transformers' AlignVisionModel with random weights.
+
+Weights, BatchNorm affine parameters and BatchNorm running statistics are all randomised on the
+torch side (running mean ~ N(0, 0.1^2), running var ~ U(0.5, 1.5)), so that eval mode really uses
+the statistics. Tolerances (float32): outputs and updated running statistics 1e-5 absolute on the
+tiny configs (activations are O(1)); gradients 1e-4 relative to the largest reference gradient of
+each tensor; the full-size B7 pooled output 1e-4 absolute (55 blocks accumulate rounding);
+bf16 compute: cosine >= 0.999 to the fp32 reference; conversions bit-exact.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from altjax.conversion import engine
+from altjax.conversion.efficientnet import efficientnet_table
+from altjax.models.efficientnet import (
+    EFFICIENTNET_PRESETS,
+    BatchNorm,
+    EfficientNet,
+    EfficientNetConfig,
+    block_specs,
+    efficientnet_config,
+)
+from helpers import assert_close, assert_rel_close, cosine, torch_state
+
+# Tiny configurations: k3/k5/k7 depthwise kernels, stride-2 stages with adjusted and non-adjusted
+# (depthwise_padding) pads, expand ratio 1 with residual repeats, width/depth coefficients != 1,
+# mean and max pooling. The stem always has round_filters(32) channels, so in_channels[0] is 32.
+CONFIGS = {
+    "k353-w0.5-d1.2-pad5": dict(
+        in_channels=[32, 16, 24], out_channels=[16, 24, 40], kernel_sizes=[3, 5, 3], strides=[1, 2, 2],
+        num_block_repeats=[1, 2, 2], expand_ratios=[1, 6, 3], width_coefficient=0.5, depth_coefficient=1.2,
+        depthwise_padding=[5],
+    ),
+    "k53-w1.3-d0.8-pad0": dict(
+        in_channels=[32, 24], out_channels=[24, 32], kernel_sizes=[5, 3], strides=[2, 2],
+        num_block_repeats=[2, 3], expand_ratios=[1, 4], width_coefficient=1.3, depth_coefficient=0.8,
+        depthwise_padding=[0],
+    ),
+    "k3375-max": dict(
+        in_channels=[32, 16, 24, 40], out_channels=[16, 24, 40, 48], kernel_sizes=[3, 3, 7, 5], strides=[1, 2, 1, 2],
+        num_block_repeats=[1, 1, 2, 2], expand_ratios=[1, 2, 6, 1], width_coefficient=1.0, depth_coefficient=1.0,
+        pooling_type="max",
+    ),
+}
+
+
+def hf_config(name, **overrides):
+    return transformers.AlignVisionConfig(**{**CONFIGS[name], **overrides})
+
+
+def randomise_(module, seed):
+    """Random conv weights of O(1) activations, random BatchNorm affine parameters and statistics."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.ndim == 4:
+                p.copy_(noise / (p.shape[1] * p.shape[2] * p.shape[3]) ** 0.5)
+            elif name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(0.1 * noise)
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=gen))
+    return module
+
+
+def torch_model(hc, seed):
+    torch.manual_seed(seed)
+    return randomise_(transformers.AlignVisionModel(hc), seed)
+
+
+def images(batch, size, seed):
+    return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
+
+
+def nchw(x):
+    return torch.tensor(x).permute(0, 3, 1, 2)
+
+
+def convert_state(state, cfg, dtype=jnp.float32):
+    model = EfficientNet(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+    engine.load_params(model, engine.torch_to_nnx(state, efficientnet_table(cfg), engine.model_shapes(model)))
+    return model
+
+
+def jitted(model, output_hidden_states=True):
+    """A jitted eval-mode forward of the NNX model (split/merge)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, x):
+        return nnx.merge(graphdef, state)(x, output_hidden_states=output_hidden_states)
+
+    return lambda x: forward(state, jnp.asarray(x))
+
+
+def nhwc(t):
+    return t.detach().permute(0, 2, 3, 1).numpy() if t.ndim == 4 else t.detach().numpy()
+
+
+def compare_outputs(out, ref, what, atol=1e-5):
+    diffs = {
+        "last_hidden_state": assert_close(out.last_hidden_state, nhwc(ref.last_hidden_state), atol=atol, what=f"{what} last_hidden_state"),
+        "pooler_output": assert_close(out.pooler_output, nhwc(ref.pooler_output), atol=atol, what=f"{what} pooler_output"),
+    }
+    if out.hidden_states is not None:
+        assert len(out.hidden_states) == len(ref.hidden_states), f"{what}: {len(out.hidden_states)} hidden states, reference {len(ref.hidden_states)}"
+        diffs["hidden_states"] = max(
+            assert_close(a, nhwc(b), atol=atol, what=f"{what} hidden_states[{i}]")
+            for i, (a, b) in enumerate(zip(out.hidden_states, ref.hidden_states))
+        )
+    print(f"{what}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    return diffs
+
+
+@pytest.mark.parametrize(
+    "name,size,batch",
+    [("k353-w0.5-d1.2-pad5", 33, 2), ("k353-w0.5-d1.2-pad5", 32, 3), ("k53-w1.3-d0.8-pad0", 47, 3), ("k3375-max", 33, 2)],
+)
+def test_eval_matches_align_vision_model(name, size, batch):
+    hc = hf_config(name)
+    cfg = EfficientNetConfig.from_hf(hc.to_dict())
+    tm = torch_model(hc, seed=1).eval()
+    x = images(batch, size, seed=2)
+    with torch.no_grad():
+        ref = tm(nchw(x), output_hidden_states=True)
+    compare_outputs(jitted(convert_state(torch_state(tm), cfg))(x), ref, f"{name} {size}px eval")
+
+
+def train_step(model, x, w):
+    """One jitted train-mode forward and backward of ``sum(pooler_output * w)``.
+
+    Returns the outputs, the gradients (NNX path -> array) and the model with its BatchNorm
+    statistics updated.
+    """
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, x):
+        m = nnx.merge(graphdef, state)
+
+        def loss(m):
+            out = m(x)
+            return jnp.sum(out.pooler_output * w), out
+
+        grads, out = nnx.grad(loss, has_aux=True)(m)
+        return grads, out, nnx.state(m, nnx.BatchStat)
+
+    grads, out, stats = step(state, jnp.asarray(x))
+    nnx.update(model, stats)
+    flat = {".".join(map(str, path)): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(grads)}
+    return out, flat
+
+
+def torch_grads(flat, cfg):
+    """NNX gradients under their PyTorch parameter names, in the PyTorch layout."""
+    return {r.torch: engine.LAYOUTS[r.layout][1](flat[r.nnx]) for r in efficientnet_table(cfg).rows if r.nnx in flat}
+
+
+def compare_running_stats(model, tm_state, cfg, what):
+    ours = engine.nnx_to_torch(engine.model_params(model), efficientnet_table(cfg), on_disk=False)
+    keys = [k for k in tm_state if k.endswith(("running_mean", "running_var"))]
+    worst = max(assert_close(ours[k], tm_state[k], atol=1e-5, what=f"{what} updated {k}") for k in keys)
+    print(f"{what}: running statistics of {len(keys) // 2} BatchNorms, max diff {worst:.2e}")
+
+
+@pytest.mark.parametrize("name,size", [("k353-w0.5-d1.2-pad5", 33), ("k53-w1.3-d0.8-pad0", 47)])
+def test_train_mode_outputs_running_stats_and_gradients_match(name, size):
+    hc = hf_config(name, drop_connect_rate=0.0)
+    cfg = EfficientNetConfig.from_hf(hc.to_dict())
+    tm = torch_model(hc, seed=3)
+    model = convert_state(torch_state(tm), cfg)
+    model.train()
+    tm.train()
+    x = images(3, size, seed=4)
+    w = np.random.default_rng(5).normal(size=(3, tm.encoder.blocks[-1].projection.project_bn.num_features)).astype(np.float32)
+
+    ref = tm(nchw(x))
+    (ref.pooler_output * torch.tensor(w)).sum().backward()
+    out, grads = train_step(model, x, w)
+    compare_outputs(out, ref, f"{name} train")
+    compare_running_stats(model, torch_state(tm), cfg, f"{name} train")
+
+    ref_grads = {k: p.grad.numpy() for k, p in tm.named_parameters()}
+    ours = torch_grads(grads, cfg)
+    assert set(ours) == set(ref_grads), f"gradient key sets differ: {sorted(set(ours) ^ set(ref_grads))}"
+    model_scale = max(float(np.max(np.abs(g))) for g in ref_grads.values())
+    zero = shift_invariant_biases(cfg)
+    worst = 0.0
+    for key, g in ref_grads.items():
+        if key in zero:
+            for side, v in (("altjax", ours[key]), ("torch", g)):
+                noise = float(np.max(np.abs(v))) / model_scale
+                assert noise <= 1e-4, f"{name} {side} gradient of {key} (exactly 0 in theory) is {noise:.3e} of the largest"
+            continue
+        worst = max(worst, assert_rel_close(ours[key], g, rtol=1e-4, what=f"{name} gradient of {key}"))
+    print(f"{name}: gradients of {len(ref_grads) - len(zero)} tensors, max relative diff {worst:.2e}; {len(zero)} exactly-zero ones are noise")
+
+
+def shift_invariant_biases(cfg):
+    """BatchNorm biases whose gradient is exactly zero in training mode.
+
+    A per-channel constant added to a block's output (its project_bn bias, or the stem's bias)
+    passes unchanged through residual connections, and an expanding block's 1x1 conv turns it into
+    another constant that the training-mode BatchNorm after it subtracts again. If every path from
+    the bias ends like that before reaching an unexpanded block (whose zero-padded depthwise conv
+    does not map a constant to a constant) or the pooler, the loss does not depend on the bias and
+    both gradients are rounding noise; they are measured against the model's largest gradient.
+    """
+    specs = block_specs(cfg)
+
+    def cancelled_after(i):
+        for spec in specs[i + 1 :]:
+            if not spec.expand:
+                return False
+            if spec.id_skip or spec.stride != 1:
+                return True
+        return False
+
+    names = {-1: "embeddings.batchnorm.bias"}
+    names.update({s.index: f"encoder.blocks.{s.index}.projection.project_bn.bias" for s in specs})
+    return {name for i, name in names.items() if cancelled_after(i)}
+
+
+def test_bn_group_size_equals_running_each_group_separately():
+    hc = hf_config("k353-w0.5-d1.2-pad5", drop_connect_rate=0.0)
+    cfg = dataclasses.replace(EfficientNetConfig.from_hf(hc.to_dict()), bn_group_size=2)
+    state = torch_state(torch_model(hc, seed=6))
+    model = convert_state(state, cfg)
+    model.train()
+    x = images(4, 33, seed=7)
+    w = np.random.default_rng(8).normal(size=(4, 24)).astype(np.float32)
+    out, _ = train_step(model, x, w)
+
+    # Each half through its own copy of the torch model, as two replicas with per-replica BatchNorm.
+    refs, states = [], []
+    for half in (x[:2], x[2:]):
+        tm = torch_model(hc, seed=6).train()
+        with torch.no_grad():
+            refs.append(tm(nchw(half)))
+        states.append(torch_state(tm))
+    assert_close(out.last_hidden_state, np.concatenate([nhwc(r.last_hidden_state) for r in refs]), atol=1e-5, what="grouped last_hidden_state")
+    assert_close(out.pooler_output, np.concatenate([nhwc(r.pooler_output) for r in refs]), atol=1e-5, what="grouped pooler_output")
+    # The running statistics take the mean over groups: the average of the two replicas' buffers.
+    averaged = {k: (states[0][k] + states[1][k]) / 2 for k in states[0] if k.endswith(("running_mean", "running_var"))}
+    compare_running_stats(model, averaged, cfg, "bn_group_size=2")
+
+    with pytest.raises(ValueError, match="group_size 2 does not divide the batch size 3"):
+        model(jnp.asarray(images(3, 33, seed=9)))
+
+
+def test_batch_norm_group_size_one_example_per_group_is_an_error():
+    bn = BatchNorm(4, group_size=1, use_running_average=False)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        bn(jnp.ones((2, 1, 1, 4)))
+
+
+def test_train_mode_dropout_is_active_and_eval_restores():
+    hc = hf_config("k53-w1.3-d0.8-pad0", drop_connect_rate=0.5)
+    cfg = EfficientNetConfig.from_hf(hc.to_dict())
+    model = convert_state(torch_state(torch_model(hc, seed=10).eval()), cfg)
+    x = jnp.asarray(images(2, 33, seed=11))
+    before = jitted(model, False)(x).pooler_output
+    # Train mode with dropout only (BatchNorm on running statistics), so dropout alone can differ.
+    model.train()
+    model.set_attributes(BatchNorm, use_running_average=True)
+    dropped = jitted(model, False)(x).pooler_output
+    model.eval()
+    after = jitted(model, False)(x).pooler_output
+    assert float(jnp.max(jnp.abs(dropped - before))) > 1e-2, "train() did not turn the residual dropout on"
+    np.testing.assert_array_equal(np.asarray(after), np.asarray(before), err_msg="eval() did not turn dropout off")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_round_trip_is_bit_exact(name):
+    hc = hf_config(name)
+    cfg = EfficientNetConfig.from_hf(hc.to_dict())
+    state = torch_state(torch_model(hc, seed=12))
+    back = engine.nnx_to_torch(engine.model_params(convert_state(state, cfg)), efficientnet_table(cfg), on_disk=False)
+    assert set(back) == set(state), f"key sets differ: {sorted(set(back) ^ set(state))}"
+    assert list(back) == list(state), "export order differs from the state_dict order"
+    for k, v in state.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=f"{k} changed in the round trip")
+        assert back[k].dtype == v.dtype, f"{k}: dtype {back[k].dtype} != {v.dtype}"
+
+
+def test_missing_and_misshapen_keys_are_named():
+    hc = hf_config("k353-w0.5-d1.2-pad5")
+    cfg = EfficientNetConfig.from_hf(hc.to_dict())
+    state = torch_state(transformers.AlignVisionModel(hc))
+    running_var = state.pop("encoder.blocks.3.expansion.expand_bn.running_var")
+    state["encoder.blocks.0.squeeze_excite.reduce.weight"] = np.zeros((3, 16, 1, 1), np.float32)
+    with pytest.raises(engine.ConversionError, match=r"encoder\.blocks\.3\.expansion\.expand_bn\.running_var"):
+        convert_state(state, cfg)
+    state["encoder.blocks.3.expansion.expand_bn.running_var"] = running_var
+    with pytest.raises(engine.ConversionError, match=r"squeeze_excite\.reduce\.weight: .* has \(3, 16, 1, 1\), the model expects \(4, 16, 1, 1\)"):
+        convert_state(state, cfg)
+
+
+def test_config_round_trip_defaults_and_group_size():
+    for hc in [transformers.AlignVisionConfig(), hf_config("k53-w1.3-d0.8-pad0"), transformers.AlignConfig().vision_config]:
+        d = hc.to_dict()
+        assert EfficientNetConfig.from_hf(d).to_hf() == d, f"{d} changed in the round trip"
+        assert EfficientNetConfig.from_hf(d).num_hidden_layers == d["num_hidden_layers"]
+    ref = transformers.AlignVisionConfig().to_dict()
+    ours = EfficientNetConfig()
+    for f in dataclasses.fields(ours):
+        if f.name not in ("extra", "bn_group_size"):
+            want = tuple(ref[f.name]) if isinstance(ref[f.name], list) else ref[f.name]
+            assert getattr(ours, f.name) == want, f"default {f.name}: {getattr(ours, f.name)!r} != HF {ref[f.name]!r}"
+    grouped = EfficientNetConfig(bn_group_size=16)
+    assert grouped.to_hf()["bn_group_size"] == 16 and EfficientNetConfig.from_hf(grouped.to_hf()) == grouped
+    assert "bn_group_size" not in EfficientNetConfig().to_hf()
+    # Hashable despite the dict of extra keys and lists given in Python: the config is static module data.
+    cfg = EfficientNetConfig(**CONFIGS["k353-w0.5-d1.2-pad5"], extra={"k": [1]})
+    assert hash(nnx.graphdef(EfficientNet(cfg, rngs=nnx.Rngs(0))))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        EfficientNetConfig(kernel_sizes=(3, 5))
+    with pytest.raises(ValueError, match="input channels"):
+        EfficientNet(EfficientNetConfig(**{**CONFIGS["k353-w0.5-d1.2-pad5"], "in_channels": [32, 16, 40]}), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name", list(EFFICIENTNET_PRESETS))
+def test_presets_have_the_reference_keys_and_shapes(name):
+    cfg = efficientnet_config(name)
+    with torch.device("meta"):
+        tm = transformers.AlignVisionModel(transformers.AlignVisionConfig(**cfg.to_hf()))
+    assert tm.config.num_hidden_layers == cfg.num_hidden_layers == len(block_specs(cfg))
+    shapes = engine.model_shapes(nnx.eval_shape(lambda: EfficientNet(cfg, rngs=nnx.Rngs(0))))
+    # Empty arrays of the reference shapes: the engine checks every key and shape both ways.
+    fake = {k: np.empty(tuple(v.shape), np.uint8) for k, v in tm.state_dict().items()}
+    assert set(engine.torch_to_nnx(fake, efficientnet_table(cfg), shapes)) == set(shapes)
+
+
+def test_b7_preset_is_the_hf_default_and_align_base():
+    assert efficientnet_config("b7") == EfficientNetConfig()
+    base = efficientnet_config("B7", image_size=289, hidden_dim=640)
+    assert (base.image_size, base.hidden_dim, base.num_hidden_layers) == (289, 640, 55)
+    with pytest.raises(ValueError, match="unknown EfficientNet preset"):
+        efficientnet_config("b8")
+
+
+def test_full_size_align_base_tower_matches():
+    hc = transformers.AlignVisionConfig(image_size=289, hidden_dim=640)
+    cfg = efficientnet_config("b7", image_size=289, hidden_dim=640)
+    assert cfg.to_hf() == {k: v for k, v in hc.to_dict().items() if k in cfg.to_hf()}
+    tm = torch_model(hc, seed=13).eval()
+    x = images(2, 289, seed=14)
+    with torch.no_grad():
+        ref = tm(nchw(x))
+    model = convert_state(torch_state(tm), cfg)
+    del tm
+    out = jitted(model, False)(x)
+    assert out.last_hidden_state.shape == (2, 9, 9, 640)
+    scale = float(np.max(np.abs(nhwc(ref.last_hidden_state))))
+    hidden = assert_close(out.last_hidden_state, nhwc(ref.last_hidden_state), atol=1e-4, what="B7 last_hidden_state")
+    pooled = assert_close(out.pooler_output, nhwc(ref.pooler_output), atol=1e-4, what="B7 pooler_output")
+    print(f"B7 289px: pooler_output max diff {pooled:.2e}; last_hidden_state {hidden:.2e} (max |ref| {scale:.2f})")
+
+
+def test_bf16_compute_is_close_to_fp32_reference():
+    hc = hf_config("k353-w0.5-d1.2-pad5")
+    cfg = EfficientNetConfig.from_hf(hc.to_dict())
+    tm = torch_model(hc, seed=15).eval()
+    x = images(3, 47, seed=16)
+    with torch.no_grad():
+        ref = tm(nchw(x)).pooler_output.numpy()
+    model = convert_state(torch_state(tm), cfg, dtype=jnp.bfloat16)
+    assert {v.dtype for v in engine.model_params(model).values()} == {np.dtype(np.float32)}, "parameters must stay fp32"
+    out = jitted(model, False)(x)
+    assert out.last_hidden_state.dtype == jnp.bfloat16
+    cos = float(np.min(cosine(out.pooler_output, ref)))
+    assert cos >= 0.999, f"bf16 pooler_output cosine to the fp32 reference {cos:.5f} < 0.999"
+    print(f"bf16: min cosine {cos:.6f}")
