@@ -1,12 +1,13 @@
 """AlignModel against transformers' AlignModel with random weights and random BatchNorm statistics.
 
-Tolerances (float32 unless said): L2-normalised embeddings 1e-5 absolute (1e-4 at full size, where
-55 EfficientNet blocks and 12 BERT layers accumulate rounding); logits 1e-4 / temperature absolute
-(cosines scaled by 1 / temperature, so the cosine error times that scale); loss likewise, since
-|d loss| <= max |d logit|; tower outputs and BatchNorm statistics 1e-5 relative to their largest
-value; gradients 1e-4 relative to the largest reference gradient of each tensor; conversions
+Tolerances (float32 unless said): L2-normalised embeddings and text hidden states 1e-5 absolute
+(1e-4 at full size, where 55 EfficientNet blocks and 12 BERT layers accumulate rounding); logits
+1e-4 / temperature absolute (cosines scaled by 1 / temperature, so the cosine error times that
+scale); loss likewise, since |d loss| <= max |d logit|; vision tower outputs, unnormalised features
+and BatchNorm statistics 1e-5 relative to their largest value; gradients 1e-4 relative to the largest reference gradient of each tensor; conversions
 bit-exact; bfloat16 compute: cosine to the float32 reference >= 0.999.
 """
+import dataclasses
 import json
 import time
 
@@ -143,10 +144,10 @@ def jitted_forward(model):
     return lambda **inputs: forward(state, {k: jnp.asarray(v) for k, v in inputs.items()})
 
 
-def check_outputs(out, ref, temperature, *, what, embed_atol=1e-5):
+def check_outputs(out, ref, temperature, *, what, atol=1e-5):
     scale = 1.0 / temperature
-    assert_close(out.image_embeds, ref.image_embeds, atol=embed_atol, what=f"{what} image_embeds")
-    assert_close(out.text_embeds, ref.text_embeds, atol=embed_atol, what=f"{what} text_embeds")
+    assert_close(out.image_embeds, ref.image_embeds, atol=atol, what=f"{what} image_embeds")
+    assert_close(out.text_embeds, ref.text_embeds, atol=atol, what=f"{what} text_embeds")
     assert_close(out.logits_per_text, ref.logits_per_text, atol=1e-4 * scale, what=f"{what} logits_per_text")
     assert_close(out.logits_per_image, ref.logits_per_image, atol=1e-4 * scale, what=f"{what} logits_per_image")
     if ref.loss is not None:
@@ -160,13 +161,13 @@ def check_outputs(out, ref, temperature, *, what, embed_atol=1e-5):
         what=f"{what} vision last_hidden_state (NHWC)",
     )
     text_ref = ref.text_model_output
-    assert_close(out.text_model_output.last_hidden_state, text_ref.last_hidden_state, atol=1e-5, what=f"{what} text last_hidden_state")
-    assert_close(out.text_model_output.pooler_output, text_ref.pooler_output, atol=1e-5, what=f"{what} text pooler_output")
+    assert_close(out.text_model_output.last_hidden_state, text_ref.last_hidden_state, atol=atol, what=f"{what} text last_hidden_state")
+    assert_close(out.text_model_output.pooler_output, text_ref.pooler_output, atol=atol, what=f"{what} text pooler_output")
 
 
 @pytest.fixture(scope="module", params=list(TINY))
 def tiny(request):
-    """A random tiny torch AlignModel (eval), its converted NNX model and inputs."""
+    """A random tiny torch AlignModel (eval), its converted NNX model, inputs and torch outputs."""
     name = request.param
     hc = hf_config(name)
     tm = randomise_(transformers.AlignModel(hc), seed=1).eval()
@@ -174,41 +175,41 @@ def tiny(request):
     text, pixels = make_inputs(cfg, TINY[name]["image_size"], seed=2)
     with torch.no_grad():
         ref = tm(**torch_inputs(text, pixels), return_loss=True)
-    return dict(name=name, hc=hc, tm=tm, cfg=cfg, state=torch_state(tm), text=text, pixels=pixels, ref=ref)
+    state = torch_state(tm)
+    return dict(name=name, hc=hc, tm=tm, cfg=cfg, state=state, model=convert(state, cfg), text=text, pixels=pixels, ref=ref)
 
 
 def test_eval_matches_torch(tiny):
-    model = convert(tiny["state"], tiny["cfg"])
-    out, _ = jitted_forward(model)(**tiny["text"], pixel_values=tiny["pixels"])
+    out, _ = jitted_forward(tiny["model"])(**tiny["text"], pixel_values=tiny["pixels"])
     check_outputs(out, tiny["ref"], tiny["cfg"].temperature_init_value, what=f"{tiny['name']} eval")
 
 
-def test_nchw_pixels_and_unpadded_text_without_mask(tiny):
-    model = convert(tiny["state"], tiny["cfg"])
-    forward = jitted_forward(model)
-    nchw = np.ascontiguousarray(tiny["pixels"].transpose(0, 3, 1, 2))
-    out, _ = forward(**tiny["text"], pixel_values=nchw)
-    check_outputs(out, tiny["ref"], tiny["cfg"].temperature_init_value, what=f"{tiny['name']} NCHW input")
-    ids = tiny["text"]["input_ids"][:, :3]  # every row has >= 3 real tokens: nothing padded
-    with torch.no_grad():
-        ref = tiny["tm"](input_ids=torch.tensor(ids), pixel_values=torch.tensor(nchw), return_loss=True)
-    out, _ = forward(input_ids=ids, pixel_values=tiny["pixels"])
-    check_outputs(out, ref, tiny["cfg"].temperature_init_value, what=f"{tiny['name']} default mask/token types")
-
-
-def test_features_normalise_to_the_embeddings(tiny):
-    model = convert(tiny["state"], tiny["cfg"])
-    graphdef, state = nnx.split(model)
-    image_features = jax.jit(lambda s, x: nnx.merge(graphdef, s).get_image_features(x))(state, tiny["pixels"])
-    text_features = jax.jit(lambda s, t: nnx.merge(graphdef, s).get_text_features(**t))(state, tiny["text"])
+def test_features_nchw_pixels_and_default_text_inputs(tiny):
+    """get_*_features (unnormalised, normalising to the embeddings), NCHW pixels, text without
+    attention_mask / token_type_ids."""
+    graphdef, state = nnx.split(tiny["model"])
+    image_features = jax.jit(lambda s, x: nnx.merge(graphdef, s).get_image_features(x))
+    text_features = jax.jit(lambda s, t: nnx.merge(graphdef, s).get_text_features(**t))
     d = tiny["cfg"].projection_dim
-    assert image_features.shape == (3, d) and text_features.shape == (3, d), (image_features.shape, text_features.shape)
+    image = image_features(state, tiny["pixels"])
+    text = text_features(state, tiny["text"])
+    assert image.shape == (3, d) and text.shape == (3, d), f"feature shapes {image.shape}, {text.shape} != (3, {d})"
     with torch.no_grad():
         ref_text = tiny["tm"].get_text_features(**{k: torch.tensor(v) for k, v in tiny["text"].items()}).pooler_output
-    assert_rel_close(text_features, ref_text, rtol=1e-5, what="get_text_features (unnormalised)")
+        ref_image = tiny["tm"].get_image_features(torch_inputs(tiny["text"], tiny["pixels"])["pixel_values"]).pooler_output
+    assert_rel_close(text, ref_text, rtol=1e-5, what="get_text_features (unnormalised)")
+    assert_rel_close(image, ref_image, rtol=1e-5, what="get_image_features (unnormalised)")
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
-    assert_close(unit(np.asarray(image_features)), tiny["ref"].image_embeds, atol=1e-5, what="normalised get_image_features")
-    assert_close(unit(np.asarray(text_features)), tiny["ref"].text_embeds, atol=1e-5, what="normalised get_text_features")
+    assert_close(unit(np.asarray(image)), tiny["ref"].image_embeds, atol=1e-5, what="normalised get_image_features")
+    assert_close(unit(np.asarray(text)), tiny["ref"].text_embeds, atol=1e-5, what="normalised get_text_features")
+
+    nchw = np.ascontiguousarray(tiny["pixels"].transpose(0, 3, 1, 2))
+    assert_rel_close(image_features(state, nchw), ref_image, rtol=1e-5, what="get_image_features of NCHW pixels")
+
+    ids = tiny["text"]["input_ids"][:, :3]  # every row has >= 3 real tokens: nothing to mask
+    with torch.no_grad():
+        ref_text = tiny["tm"].get_text_features(input_ids=torch.tensor(ids)).pooler_output
+    assert_rel_close(text_features(state, {"input_ids": ids}), ref_text, rtol=1e-5, what="get_text_features, ids only")
 
 
 def test_bf16_compute_is_close(tiny):
@@ -223,7 +224,7 @@ def test_bf16_compute_is_close(tiny):
 
 def test_round_trip_is_bit_exact(tiny):
     state = tiny["state"]
-    back = engine.nnx_to_torch(engine.model_params(convert(state, tiny["cfg"])), align_table(tiny["cfg"]))
+    back = engine.nnx_to_torch(engine.model_params(tiny["model"]), align_table(tiny["cfg"]))
     assert set(back) == set(state), f"key sets differ: {sorted(set(back) ^ set(state))}"
     for k, v in state.items():
         if k.endswith("num_batches_tracked"):
@@ -307,17 +308,17 @@ def flat(state):
     return {".".join(map(str, path)): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
 
 
+@pytest.mark.parametrize("tiny", ["tiny-b-47px"], indirect=True)
 def test_from_pretrained_reads_a_transformers_directory(tiny, tmp_path):
     tiny["tm"].save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     model = AlignModel.from_pretrained(tmp_path)
     assert model.config.to_hf() == json.loads((tmp_path / "config.json").read_text()), "config.json not read back as written"
+    params, expected = engine.model_params(model), engine.model_params(tiny["model"])
+    assert set(params) == set(expected), f"parameter sets differ: {sorted(set(params) ^ set(expected))}"
+    for k, v in expected.items():
+        np.testing.assert_array_equal(params[k], v, err_msg=f"from_pretrained {k} differs from the state-dict conversion")
     out, _ = jitted_forward(model)(**tiny["text"], pixel_values=tiny["pixels"])
-    direct, _ = jitted_forward(convert(tiny["state"], tiny["cfg"]))(**tiny["text"], pixel_values=tiny["pixels"])
-    for field in ("image_embeds", "text_embeds", "logits_per_text", "loss"):
-        np.testing.assert_array_equal(
-            np.asarray(getattr(out, field)), np.asarray(getattr(direct, field)), err_msg=f"from_pretrained {field} differs"
-        )
     check_outputs(out, tiny["ref"], tiny["cfg"].temperature_init_value, what="from_pretrained")
 
 
@@ -344,7 +345,7 @@ def test_bad_checkpoints_are_reported(tiny, tmp_path):
     weights["text_model.embeddings.token_type_ids"] = np.zeros((1, 40), np.int64)
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     params = engine.model_params(AlignModel.from_pretrained(tmp_path))
-    expected = engine.model_params(convert(tiny["state"], tiny["cfg"]))
+    expected = engine.model_params(tiny["model"])
     for k, v in expected.items():
         np.testing.assert_array_equal(params[k], v, err_msg=f"{k} differs when loaded from a legacy checkpoint")
 
@@ -380,20 +381,48 @@ def test_config_round_trip_and_presets():
         AlignConfig.from_preset("align-huge")
 
 
-def test_tiny_preset_builds_and_runs_fast():
+def test_tiny_preset_matches_torch_and_runs_fast():
     cfg = AlignConfig.from_preset("align-tiny")
-    model = AlignModel(cfg)
     hc = transformers.AlignConfig(**cfg.to_hf())
-    tm = transformers.AlignModel(hc)
+    tm = transformers.AlignModel(hc).eval()  # transformers' own initialisation
     assert set(torch_state(tm)) == {r.torch for r in align_table(cfg).rows}, "align-tiny table and transformers keys differ"
+    model = convert(torch_state(tm), cfg)
     text, pixels = make_inputs(cfg, cfg.vision_config.image_size, batch=2, length=8, seed=5)
     forward = jitted_forward(model)
-    jax.block_until_ready(forward(**text, pixel_values=pixels))
-    start = time.perf_counter()
     out, _ = jax.block_until_ready(forward(**text, pixel_values=pixels))
+    with torch.no_grad():
+        ref = tm(**torch_inputs(text, pixels), return_loss=True)
+    check_outputs(out, ref, cfg.temperature_init_value, what="align-tiny")
+    start = time.perf_counter()
+    jax.block_until_ready(forward(**text, pixel_values=pixels))
     elapsed = time.perf_counter() - start
-    assert out.logits_per_text.shape == (2, 2) and np.all(np.isfinite(np.asarray(out.loss)))
     assert elapsed < 0.5, f"align-tiny jitted forward took {elapsed:.2f} s"
+
+
+def test_random_initialisation():
+    # A minimal model (stem + one block, one text layer): eager initialisation compiles one op per shape.
+    cfg = AlignConfig.from_hf(
+        transformers.AlignConfig(
+            text_config=dict(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8),
+            vision_config=dict(
+                width_coefficient=1.0, depth_coefficient=1.0, kernel_sizes=[3], in_channels=[32], out_channels=[16],
+                strides=[1], num_block_repeats=[1], expand_ratios=[1],
+            ),
+            projection_dim=16,
+            temperature_init_value=0.5,
+        ).to_dict()
+    )
+    params = engine.model_params(AlignModel(cfg, rngs=nnx.Rngs(3)))
+    assert all(v.dtype == np.float32 for v in params.values()), "parameters are not all float32"
+    assert params["temperature"].shape == () and params["temperature"] == 0.5, f"temperature {params['temperature']}"
+    assert not np.any(params["text_projection.bias"]), "text_projection bias is not initialised to 0"
+    # xavier_uniform on (8 -> 16), as transformers: U(-b, b) with b = sqrt(6 / (8 + 16)) = 0.5.
+    bound = float(np.max(np.abs(params["text_projection.kernel"])))
+    assert 0.35 < bound <= 0.5, f"text_projection init: max |w| {bound} for the bound 0.5"
+    variances = [k for k in params if k.endswith(".var")]
+    assert variances and all(np.all(params[k] == 1) for k in variances), "BatchNorm running variances do not start at 1"
+    with pytest.raises(ValueError, match="projection_dim 8 must equal the vision tower's output channels 16"):
+        AlignModel(dataclasses.replace(cfg, projection_dim=8))
 
 
 @pytest.fixture(scope="module")
@@ -414,7 +443,7 @@ def full_size():
 
 def test_full_size_fp32_matches(full_size):
     out, _ = jitted_forward(convert(full_size["state"], full_size["cfg"]))(**full_size["text"], pixel_values=full_size["pixels"])
-    check_outputs(out, full_size["ref"], 0.05, what="align-base fp32", embed_atol=1e-4)
+    check_outputs(out, full_size["ref"], 0.05, what="align-base fp32", atol=1e-4)
 
 
 def test_full_size_bf16_is_close(full_size):
