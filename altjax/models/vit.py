@@ -89,16 +89,22 @@ class CLIPVisionConfig:
 # --- PyTorch's bicubic interpolation -----------------------------------------------------------
 
 
+def _fma(a, b, c) -> np.ndarray:
+    # A float32 fused multiply-add: the float64 product of two float32 values is exact, so one
+    # rounding to float32 remains. PyTorch's kernels are compiled with multiply-add contraction
+    # (x86 FMA, CUDA fmad), and the weights match it to an ulp only when computed this way.
+    return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(np.float32)
+
+
 def _cubic_coefficients(t: np.ndarray) -> np.ndarray:
-    # ATen's get_cubic_upsample_coefficients, in float32 as its float kernel computes them.
-    a = np.float32(TORCH_CUBIC_A)
-    one = np.float32(1.0)
+    # ATen's get_cubic_upsample_coefficients(t): Keys' kernel at distances t+1, t, 1-t, 2-t.
+    a, one = np.float32(TORCH_CUBIC_A), np.float32(1.0)
 
-    def near(x):  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + one
+    def near(x):  # |x| <= 1: ((a + 2) x - (a + 3)) x x + 1
+        return _fma(_fma(a + 2, x, -(a + 3)) * x, x, one)
 
-    def far(x):  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    def far(x):  # 1 < |x| < 2: ((a x - 5a) x + 8a) x - 4a
+        return _fma(_fma(_fma(a, x, -5 * a), x, 8 * a), x, -4 * a)
 
     return np.stack([far(t + one), near(t), near(one - t), far((one - t) + one)], axis=-1)
 
@@ -108,10 +114,11 @@ def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
 
     ``F.interpolate(mode="bicubic", align_corners=False, size=...)``: source coordinate
     ``(i + 0.5) * in/out - 0.5`` (not clamped), Keys kernel with a = -0.75, four taps whose indices
-    are clamped to the border (so border taps add up), no antialiasing when downscaling.
+    are clamped to the border (so border taps add up), no antialiasing when downscaling. Computed
+    in float32 as ATen does (weights agree with PyTorch's to about one float32 ulp).
     """
     scale = np.float32(in_size) / np.float32(out_size)
-    src = scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+    src = _fma(scale, np.arange(out_size, dtype=np.float32) + np.float32(0.5), np.float32(-0.5))
     base = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     t = np.clip(src - base.astype(np.float32), np.float32(0), np.float32(1))
     weights = _cubic_coefficients(t)
