@@ -113,7 +113,10 @@ def test_defaults_without_mask_and_token_types_match():
     ids = text_inputs(cfg, seed=3)["input_ids"]
     with torch.no_grad():
         ref = tm(input_ids=torch.tensor(ids), output_hidden_states=True)
-    compare_outputs(jitted(convert(tm, cfg))({"input_ids": ids}), ref, "no mask, no token types")
+    model = convert(tm, cfg)
+    compare_outputs(jitted(model)({"input_ids": ids}), ref, "no mask, no token types")
+    with pytest.raises(ValueError, match="sequence length 41 exceeds max_position_embeddings 40"):
+        model(np.ones((1, 41), np.int32))
 
 
 def test_eval_matches_bert_model():

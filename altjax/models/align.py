@@ -161,7 +161,7 @@ class AlignModel(nnx.Module):
             position_ids=position_ids,
             output_hidden_states=output_hidden_states,
         )
-        return out, self.text_projection(out.last_hidden_state[:, 0, :])
+        return out, self.text_projection(out.last_hidden_state[:, 0, :]).astype(jnp.float32)
 
     def _vision(self, pixel_values, output_hidden_states=False) -> TowerOutput:
         return self.vision_model(
@@ -175,7 +175,7 @@ class AlignModel(nnx.Module):
         token_type_ids: Optional[jax.Array] = None,
         position_ids: Optional[jax.Array] = None,
     ) -> jax.Array:
-        """Unnormalised text features ``text_projection(h[:, 0])``, shape (B, projection_dim).
+        """Unnormalised text features ``text_projection(h[:, 0])``, float32 (B, projection_dim).
 
         Unlike transformers, which returns the text model's output object with these features in
         ``pooler_output``, this returns the array itself.
@@ -183,7 +183,7 @@ class AlignModel(nnx.Module):
         return self._text(input_ids, attention_mask, token_type_ids, position_ids)[1]
 
     def get_image_features(self, pixel_values: jax.Array) -> jax.Array:
-        """Unnormalised image features (the vision tower's pooled output), shape (B, projection_dim).
+        """Unnormalised image features (the vision tower's pooled output), float32 (B, projection_dim).
 
         ``pixel_values`` are NHWC (B, H, W, 3); NCHW (B, 3, H, W) is also accepted (see ``__call__``).
         Unlike transformers, which returns the vision model's output object, this returns the array.
@@ -215,7 +215,7 @@ class AlignModel(nnx.Module):
         vision_out = self._vision(pixel_values, output_hidden_states)
         text_out, text_features = self._text(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         image_embeds = layers.l2_normalize(vision_out.pooler_output.astype(jnp.float32))
-        text_embeds = layers.l2_normalize(text_features.astype(jnp.float32))
+        text_embeds = layers.l2_normalize(text_features)
         temperature = self.temperature[...]
         logits_per_text = (text_embeds @ image_embeds.T) / temperature
         loss = None

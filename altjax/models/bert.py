@@ -187,6 +187,11 @@ class Bert(nnx.Module):
         input_ids = jnp.asarray(input_ids)
         b, length = input_ids.shape
         if position_ids is None:
+            # An out-of-range lookup would silently give NaN rows (jnp.take fills); PyTorch raises.
+            if length > self.config.max_position_embeddings:
+                raise ValueError(
+                    f"sequence length {length} exceeds max_position_embeddings {self.config.max_position_embeddings}"
+                )
             position_ids = jnp.arange(length, dtype=jnp.int32)[None, :]
         if token_type_ids is None:
             token_type_ids = jnp.zeros((b, length), dtype=jnp.int32)
