@@ -106,7 +106,7 @@ def randomise_(model, seed):
 
 
 def make_inputs(cfg, image_size, batch=3, length=9, seed=0):
-    """Right-padded token ids (pad 0) with masks and token types; NHWC and NCHW pixels."""
+    """Right-padded token ids (pad 0) with masks and random token types; NHWC pixels in [-1, 1]."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, cfg.text_config.vocab_size, (batch, length))
     lengths = np.linspace(length, 3, batch).astype(int)
