@@ -272,12 +272,12 @@ def test_train_mode_outputs_and_gradients_match(name):
 
 def test_train_mode_attention_dropout_is_active_and_eval_restores():
     cfg, _, model = setup("h32-heads4-l2-eos98", seed=15, attention_dropout=0.2)
-    inputs = {k: jnp.asarray(v) for k, v in text_inputs(cfg, seed=16).items()}
-    before = model.get_text_features(**inputs)
+    inputs = text_inputs(cfg, seed=16)
+    before = jitted(model, "get_text_features")(inputs)
     model.train()
-    dropped = model.get_text_features(**inputs)
+    dropped = jitted(model, "get_text_features")(inputs)
     model.eval()
-    after = model.get_text_features(**inputs)
+    after = jitted(model, "get_text_features")(inputs)
     assert float(jnp.max(jnp.abs(dropped - before))) > 1e-2, "train() did not turn attention dropout on"
     np.testing.assert_array_equal(np.asarray(after), np.asarray(before), err_msg="eval() did not turn dropout off")
 

@@ -235,11 +235,11 @@ def test_train_mode_outputs_and_gradients_match(name, size):
 def test_train_mode_attention_dropout_is_active_and_eval_restores():
     cfg, _, model = setup("h32-heads4-l2-p4-img16", seed=16, attention_dropout=0.2)
     _, pixels = images(cfg, 2, (16, 16), seed=17)
-    before = model(jnp.asarray(pixels)).last_hidden_state
+    before = jitted(model)(pixels).last_hidden_state
     model.train()
-    dropped = model(jnp.asarray(pixels)).last_hidden_state
+    dropped = jitted(model)(pixels).last_hidden_state
     model.eval()
-    after = model(jnp.asarray(pixels)).last_hidden_state
+    after = jitted(model)(pixels).last_hidden_state
     assert float(jnp.max(jnp.abs(dropped - before))) > 1e-2, "train() did not turn attention dropout on"
     np.testing.assert_array_equal(np.asarray(after), np.asarray(before), err_msg="eval() did not turn dropout off")
 

@@ -92,7 +92,8 @@ class CLIPVisionConfig:
 def _fma(a, b, c) -> np.ndarray:
     # A float32 fused multiply-add: the float64 product of two float32 values is exact, so one
     # rounding to float32 remains. PyTorch's kernels are compiled with multiply-add contraction
-    # (x86 FMA, CUDA fmad), and the weights match it to an ulp only when computed this way.
+    # (x86 FMA, CUDA fmad): computed this way the weights agree with its to about one ulp, eight
+    # ulps otherwise.
     return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(np.float32)
 
 
@@ -129,10 +130,11 @@ def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 def torch_bicubic_resize(grid: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Resizes a (H, W, C) grid to ``size`` = (h, w) exactly as PyTorch's bicubic ``F.interpolate``.
+    """Resizes a (H, W, C) grid to ``size`` = (h, w) as PyTorch's bicubic ``F.interpolate`` does.
 
     Computed in float32 at full matmul precision (the reference runs it on the fp32 parameters);
-    ``jax.image.resize``'s cubic differs (a = -0.5, and antialiasing when downscaling).
+    It matches PyTorch to float32 rounding; ``jax.image.resize``'s cubic is another filter (a = -0.5,
+    and antialiasing when downscaling).
     """
     rows = jnp.asarray(torch_bicubic_matrix(grid.shape[0], size[0]))
     cols = jnp.asarray(torch_bicubic_matrix(grid.shape[1], size[1]))
@@ -185,6 +187,8 @@ class CLIPAttention(nnx.Module):
 
 
 class CLIPMLP(nnx.Module):
+    """``fc2(act(fc1(x)))`` with the config's activation (``quick_gelu`` for CLIP)."""
+
     def __init__(self, config: CLIPVisionConfig | CLIPTextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         d, f = config.hidden_size, config.initializer_factor
         self.act = layers.activation(config.hidden_act)
