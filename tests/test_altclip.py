@@ -73,7 +73,10 @@ def hf_config(name, *, train=False):
 def randomise_(model, seed):
     """Random weights of O(1) activations: LayerNorm affine, padding rows and embeddings included."""
     gen = torch.Generator().manual_seed(seed)
-    noise = lambda p: torch.randn(p.shape, generator=gen)  # noqa: E731
+
+    def noise(p):
+        return torch.randn(p.shape, generator=gen)
+
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.LayerNorm):
@@ -177,7 +180,7 @@ def test_nchw_pixels_and_text_without_mask(tiny):
     with torch.no_grad():
         ref = tiny["tm"](input_ids=torch.tensor(ids), pixel_values=torch.tensor(nchw), return_loss=True)
     moved = np.abs(ref.text_embeds.numpy() - tiny["ref"].text_embeds.numpy()).max(-1)
-    assert moved[0] == 0 and np.all(moved[1:] > 1e-4), f"only padded rows should change without a mask: {moved}"
+    assert moved[0] <= 1e-6 and np.all(moved[1:] > 1e-4), f"only padded rows should change without a mask: {moved}"
     out = forward(input_ids=ids, pixel_values=tiny["pixels"])
     check_outputs(out, ref, TINY[tiny["name"]]["logit_scale"], what=f"{tiny['name']} no attention mask")
 
@@ -204,9 +207,9 @@ def test_features_match_and_normalise_to_the_embeddings(tiny):
         ref_image = tm.get_image_features(torch.tensor(pixels).permute(0, 3, 1, 2)).pooler_output
     assert_close(text_features, ref_text, atol=1e-5, what="get_text_features (unnormalised)")
     assert_close(image_features, ref_image, atol=1e-5, what="get_image_features (unnormalised)")
-    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
-    assert_close(unit(np.asarray(image_features)), tiny["ref"].image_embeds, atol=1e-5, what="normalised get_image_features")
-    assert_close(unit(np.asarray(text_features)), tiny["ref"].text_embeds, atol=1e-5, what="normalised get_text_features")
+    for features, ref, what in ((image_features, tiny["ref"].image_embeds, "image"), (text_features, tiny["ref"].text_embeds, "text")):
+        unit = np.asarray(features) / np.linalg.norm(np.asarray(features), axis=-1, keepdims=True)
+        assert_close(unit, ref, atol=1e-5, what=f"normalised get_{what}_features")
 
 
 def test_bf16_compute_is_close(tiny):
@@ -289,7 +292,9 @@ def test_transformers_directory_loads_with_both_spellings(tiny, tmp_path):
 
     # The Hub layout (text "layer.", vision "layers.") and stale id buffers load to the same weights.
     hub = {k.replace("vision_model.encoder.layer.", "vision_model.encoder.layers."): v for k, v in weights.items()}
-    hub["text_model.roberta.embeddings.position_ids"] = np.arange(tiny["cfg"].text_config.max_position_embeddings)[None]
+    positions = tiny["cfg"].text_config.max_position_embeddings
+    hub["text_model.roberta.embeddings.position_ids"] = np.arange(positions)[None]
+    hub["text_model.roberta.embeddings.token_type_ids"] = np.zeros((1, positions), np.int64)
     hub["vision_model.embeddings.position_ids"] = np.arange(5)[None]
     save_file(hub, tmp_path / "model.safetensors", metadata={"format": "pt"})
     params, expected = engine.model_params(AltCLIPModel.from_pretrained(tmp_path)), engine.model_params(model)

@@ -132,7 +132,7 @@ def test_eval_matches_altclip_text_model(name, masked):
         with torch.no_grad():
             masked_ref = tm(**to_torch(text_inputs(cfg, seed=2, token_types=cfg.type_vocab_size > 1)))
         moved = np.abs(ref.pooler_output.numpy() - masked_ref.pooler_output.numpy()).max(-1)
-        assert moved[0] == 0 and np.all(moved[1:] > 1e-3), f"only padded rows should change without a mask: {moved}"
+        assert moved[0] <= 1e-6 and np.all(moved[1:] > 1e-3), f"only padded rows should change without a mask: {moved}"
 
 
 @pytest.mark.parametrize("name", ["h32-heads4-l2-i37", "h48-heads6-l3-i64-pad3-types2"])

@@ -10,9 +10,8 @@ rename ``layer.`` -> ``layers.`` for AltCLIP on load and reverts it for every ke
 """
 from __future__ import annotations
 
-from altjax.conversion.clip import clip_vision_rows
+from altjax.conversion import clip, xlm_roberta
 from altjax.conversion.engine import Row, Table, prefixed
-from altjax.conversion.xlm_roberta import xlm_roberta_rows
 from altjax.models.altclip import AltCLIPConfig
 
 HEAD = [
@@ -25,11 +24,9 @@ HEAD = [
 ALIASES = ((r"layer\.", "layers."),)
 DISK_RENAMES = ((r"layers\.", "layer."),)
 
-# Non-persistent buffers that older checkpoints may still contain.
-IGNORED_BUFFERS = (
-    r"^text_model\.roberta\.embeddings\.position_ids$",
-    r"^text_model\.roberta\.embeddings\.token_type_ids$",
-    r"^vision_model\.embeddings\.position_ids$",
+# The towers' non-persistent buffers (position/token-type ids) that old checkpoints may contain.
+IGNORED_BUFFERS = tuple(r"^text_model\.roberta\." + p for p in xlm_roberta.IGNORED_BUFFERS) + tuple(
+    r"^vision_model\." + p for p in clip.IGNORED_BUFFERS
 )
 
 
@@ -37,8 +34,8 @@ def altclip_table(config: AltCLIPConfig) -> Table:
     """Every tensor of ``AltCLIPModel``: the text tower under ``text_model.``, the vision tower
     under ``vision_model.``, both projections and the logit scale."""
     rows = (
-        prefixed(xlm_roberta_rows(config.text_config), "text_model.", "text_model.")
-        + prefixed(clip_vision_rows(config.vision_config), "vision_model.", "vision_model.")
+        prefixed(xlm_roberta.xlm_roberta_rows(config.text_config), "text_model.", "text_model.")
+        + prefixed(clip.clip_vision_rows(config.vision_config), "vision_model.", "vision_model.")
         + HEAD
     )
     return Table(rows=tuple(rows), aliases=ALIASES, ignore=IGNORED_BUFFERS, disk_renames=DISK_RENAMES)

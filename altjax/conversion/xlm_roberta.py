@@ -32,12 +32,12 @@ HEAD = [
 # The on-disk spelling (``encoder.layer.{i}``, also XLMRobertaModel's) -> the in-memory one.
 ALIASES = ((r"encoder\.layer\.(\d+)\.", r"encoder.layers.\1."),)
 
-# Non-persistent buffers of the embeddings that older checkpoints may still contain.
-IGNORED_BUFFERS = (r"embeddings\.position_ids$", r"embeddings\.token_type_ids$")
+# Non-persistent buffers of the embeddings (BERT's, the same names) that old checkpoints may contain.
+IGNORED_BUFFERS = bert.IGNORED_BUFFERS
 
 
 def xlm_roberta_rows(config: XLMRobertaConfig) -> list[Row]:
-    """Every tensor of ``AltCLIPTextModel``, keys relative to it (``roberta.embeddings.word_embeddings.weight``, ...)."""
+    """Every tensor of ``AltCLIPTextModel``, keys relative to it (``roberta.embeddings.LayerNorm.weight``, ...)."""
     rows = list(EMBEDDINGS)
     for i in range(config.num_hidden_layers):
         rows += [Row(r.torch.format(i=i), r.nnx.format(i=i), r.layout) for r in LAYER]

@@ -237,14 +237,18 @@ class AltCLIPModel(nnx.Module):
         if input_ids is None or pixel_values is None:
             raise ValueError("AltCLIPModel needs both input_ids and pixel_values")
         vision_out, image_features = self._vision(pixel_values, interpolate_pos_encoding, output_hidden_states)
-        text_out, text_features = self._text(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        text_out, text_features = self._text(
+            input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states
+        )
         image_embeds = layers.l2_normalize(image_features.astype(jnp.float32))
         text_embeds = layers.l2_normalize(text_features.astype(jnp.float32))
         scale = jnp.exp(self.logit_scale[...])
         logits_per_text = (text_embeds @ image_embeds.T) * scale
         loss = None
         if return_loss:
-            loss = losses.contrastive_loss(image_embeds, text_embeds, kind="softmax", logit_scale=scale, label_smoothing=0.0)
+            loss = losses.contrastive_loss(
+                image_embeds, text_embeds, kind="softmax", logit_scale=scale, label_smoothing=0.0
+            )
         return DualEncoderOutput(
             logits_per_image=logits_per_text.T,
             logits_per_text=logits_per_text,
