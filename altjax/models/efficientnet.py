@@ -214,7 +214,7 @@ def _check_buildable(config: EfficientNetConfig, specs: Sequence[BlockSpec]) -> 
         raise ValueError(f"pooling_type must be 'mean' or 'max', got {config.pooling_type!r}")
     bad = sorted(set(config.strides) - {1, 2})
     if bad:
-        raise ValueError(f"strides must be 1 or 2 (the reference pads stride 1 'same' and stride 2 explicitly), got {bad}")
+        raise ValueError(f"strides must be 1 or 2 (the reference pads stride 1 'same', stride 2 explicitly), got {bad}")
     channels = stem_channels(config)
     for spec in specs:
         if spec.in_dim != channels:
@@ -288,7 +288,7 @@ class BatchNorm(nnx.Module):
         axes = tuple(range(1, xg.ndim - 1))
         n = math.prod(xg.shape[a] for a in axes)
         if n < 2:
-            raise ValueError(f"BatchNorm needs more than one value per channel in training mode, got {n} (input {x.shape})")
+            raise ValueError(f"BatchNorm needs more than one value per channel in training, got {n} (input {x.shape})")
         mean = jnp.mean(xg, axis=axes, keepdims=True)
         # Two-pass variance: the one-pass E[x^2] - E[x]^2 loses digits when |mean| >> std.
         var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
@@ -345,7 +345,9 @@ class EfficientNetEmbeddings(nnx.Module):
     def __init__(self, config: EfficientNetConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         out_dim = stem_channels(config)
         # nn.ZeroPad2d((0, 1, 0, 1)) then a "valid" conv, for every input size (289 -> 144, not 145).
-        self.convolution = _conv(config.num_channels, out_dim, 3, stride=2, padding=((0, 1), (0, 1)), dtype=dtype, rngs=rngs)
+        self.convolution = _conv(
+            config.num_channels, out_dim, 3, stride=2, padding=((0, 1), (0, 1)), dtype=dtype, rngs=rngs
+        )
         self.batchnorm = _norm(out_dim, config, config.batch_norm_momentum, dtype)
         self.activation = layers.activation(config.hidden_act)
 
@@ -379,7 +381,9 @@ class DepthwiseLayer(nnx.Module):
             padding = ((top, bottom), (left, right))
         else:
             padding = _same_padding(k)
-        self.depthwise_conv = _conv(dim, dim, k, stride=spec.stride, padding=padding, groups=dim, dtype=dtype, rngs=rngs)
+        self.depthwise_conv = _conv(
+            dim, dim, k, stride=spec.stride, padding=padding, groups=dim, dtype=dtype, rngs=rngs
+        )
         self.depthwise_norm = _norm(dim, config, config.batch_norm_momentum, dtype)
         self.depthwise_act = layers.activation(config.hidden_act)
 
