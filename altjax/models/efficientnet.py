@@ -255,9 +255,8 @@ class BatchNorm(nnx.Module):
         group_size: Optional[int] = None,
         use_running_average: bool = True,
         dtype=jnp.float32,
-        rngs: Optional[nnx.Rngs] = None,
     ):
-        del rngs  # deterministic initialisation (1, 0, 0, 1), as PyTorch's
+        # No rngs: the initialisation is deterministic (scale 1, bias 0, mean 0, var 1), as PyTorch's.
         self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
