@@ -3,15 +3,19 @@
 ``contrastive_loss`` with ``mesh=None`` is the single-device reference; the ALIGN and AltCLIP
 models use it for ``return_loss`` and it matches PyTorch's ``F.cross_entropy`` (including
 ``label_smoothing``) exactly. With a mesh, the loss runs under ``jax.shard_map`` on embeddings
-sharded along the batch over the mesh's batch axes (every axis except ``"model"``, see
+split along the batch over the mesh's batch axes (every axis except ``"model"``, see
 ``altjax.sharding.batch_axes``) and replicated over the model axis:
 
-* ``impl="gather"`` all-gathers the embeddings; each device holds a (B/N) x B block of logits.
+* ``impl="gather"`` all-gathers the embeddings; each device holds (B/N) x B blocks of logits.
 * ``impl="ring"`` passes embedding blocks around the devices with ``ppermute``; each step touches
-  one (B/N) x (B/N) block of logits, log-sum-exps are accumulated online, and every step is
-  rematerialised in the backward pass, so the logits cost O((B/N)^2) memory per device.
+  one (B/N) x (B/N) block of logits and log-sum-exps are accumulated online. The backward pass is
+  written by hand: it walks the ring again and recomputes each block (as flash attention does),
+  so the logits cost O((B/N)^2) memory per device in both passes.
 
-Both give the reference's value and gradients (embeddings, scale, bias) to fp32 rounding.
+Both give the reference's value and gradients (embeddings, scale, bias) to fp32 rounding. Each
+per-logit gradient is formed as in the unsharded computation (probability minus target, in one
+place) before it is multiplied into the embeddings and the scale: summing the terms separately
+would cancel catastrophically in the scale's gradient.
 """
 from __future__ import annotations
 
@@ -21,83 +25,128 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from altjax.sharding import batch_axes
+from altjax.sharding import batch_axes, batch_size_divisor
 
 KINDS = ("softmax", "sigmoid")
 IMPLS = ("gather", "ring")
 
 
-def _logits(image_embeds, text_embeds, logit_scale, logit_bias):
-    logits = logit_scale * (image_embeds @ text_embeds.T)
-    if logit_bias is not None:
-        logits = logits + logit_bias
-    return logits
+def _sum(row_sums):
+    """Sum of per-row sums, kept a separate reduction.
+
+    XLA:CPU reduces a whole (n, B) matrix with too few partial sums for some shapes: 2k terms
+    already cost ~1e-7 of a result that is itself a cancellation (the scale's gradient), ten times
+    the error of summing rows first. The barrier keeps XLA from merging the two reductions.
+    """
+    return jnp.sum(jax.lax.optimization_barrier(row_sums))
 
 
-def _softmax_reference(logits, label_smoothing):
-    # PyTorch's label smoothing: target = (1 - e) * one_hot + e / B, so the per-row loss is
-    # lse - (1 - e) * logit_ii - (e / B) * sum_j logit_ij.
+def _total(x):
+    """Sum of a matrix, rows first (see ``_sum``)."""
+    return _sum(jnp.sum(x, axis=1))
+
+
+# The logits as custom VJPs only so that the scalars' gradients are summed rows first.
+
+
+@jax.custom_vjp
+def _scaled(dots, scale):
+    return scale * dots
+
+
+def _scaled_fwd(dots, scale):
+    return scale * dots, (dots, scale)
+
+
+def _scaled_bwd(res, ct):
+    dots, scale = res
+    return scale * ct, _total(ct * dots)
+
+
+_scaled.defvjp(_scaled_fwd, _scaled_bwd)
+
+
+@jax.custom_vjp
+def _affine(dots, scale, bias):
+    return scale * dots + bias
+
+
+def _affine_fwd(dots, scale, bias):
+    return scale * dots + bias, (dots, scale)
+
+
+def _affine_bwd(res, ct):
+    dots, scale = res
+    return scale * ct, _total(ct * dots), _total(ct)
+
+
+_affine.defvjp(_affine_fwd, _affine_bwd)
+
+
+def _logits(image_embeds, text_embeds, logit_scale, logit_bias=None):
+    """scale * image @ text^T (+ bias)."""
+    scale = jnp.asarray(logit_scale, image_embeds.dtype)
+    if logit_bias is None:
+        return _scaled(image_embeds @ text_embeds.T, scale)
+    return _affine(image_embeds @ text_embeds.T, scale, jnp.asarray(logit_bias, scale.dtype))
+
+
+def _cross_entropy_rows(logits, targets, label_smoothing):
+    """Per-row cross entropy with PyTorch's label smoothing; row i's class is ``targets[i]``.
+
+    target = (1 - e) one_hot + e / C, so the loss is lse - (1 - e) logit_target - (e / C) sum(logits).
+    """
+    target_logits = jnp.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
+    num_classes = logits.shape[1]
+    return (jax.nn.logsumexp(logits, axis=1) - (1.0 - label_smoothing) * target_logits
+            - (label_smoothing / num_classes) * jnp.sum(logits, axis=1))
+
+
+def _signed(logits, on_diagonal):
+    """z * logits with z = +1 where ``on_diagonal``, -1 elsewhere."""
+    return jnp.where(on_diagonal, logits, -logits)
+
+
+def _reference_loss(image, text, scale, bias, kind, label_smoothing):
+    logits = _logits(image, text, scale, bias)
     b = logits.shape[0]
-    diag = jnp.diagonal(logits)
-
-    def direction(lse, row_sums):
-        per_row = lse - (1.0 - label_smoothing) * diag - (label_smoothing / b) * row_sums
-        return jnp.mean(per_row)
-
-    i2t = direction(jax.nn.logsumexp(logits, axis=1), jnp.sum(logits, axis=1))
-    t2i = direction(jax.nn.logsumexp(logits, axis=0), jnp.sum(logits, axis=0))
+    if kind == "sigmoid":
+        return -_total(jax.nn.log_sigmoid(_signed(logits, jnp.eye(b, dtype=bool)))) / b
+    targets = jnp.arange(b)
+    i2t = jnp.mean(_cross_entropy_rows(logits, targets, label_smoothing))
+    t2i = jnp.mean(_cross_entropy_rows(logits.T, targets, label_smoothing))
     return 0.5 * (i2t + t2i)
 
 
-def _sigmoid_reference(logits):
-    b = logits.shape[0]
-    z = 2.0 * jnp.eye(b, dtype=logits.dtype) - 1.0
-    return -jnp.sum(jax.nn.log_sigmoid(z * logits)) / b
-
-
-# The sharded versions below see local blocks of n = B / N rows. Each returns this device's share
-# of the loss *sum* (psum'd by the caller's shard_map body), so every variant ends in one psum.
-
-
-def _softmax_total(image, text, scale, bias, lse_i2t, lse_t2i, axes, global_b, label_smoothing):
-    """Sum over devices of both directions' per-row losses, given this device's row LSEs."""
-    diag = scale * jnp.sum(image * text, axis=-1)
-    if bias is not None:
-        diag = diag + bias
-    local = jnp.sum(lse_i2t) + jnp.sum(lse_t2i) - 2.0 * (1.0 - label_smoothing) * jnp.sum(diag)
-    total = jax.lax.psum(local, axes)
-    if label_smoothing:
-        # The smoothing term needs sum_ij logit_ij, the same in both directions; it factorises
-        # into the dot product of the summed image and text embeddings.
-        image_sum = jax.lax.psum(jnp.sum(image, axis=0), axes)
-        text_sum = jax.lax.psum(jnp.sum(text, axis=0), axes)
-        all_logits = scale * jnp.dot(image_sum, text_sum)
-        if bias is not None:
-            all_logits = all_logits + bias * global_b * global_b
-        total = total - 2.0 * (label_smoothing / global_b) * all_logits
-    return total / (2.0 * global_b)
+# The sharded versions see local blocks of n = B / N rows and return the global loss, summed over
+# the devices with one psum.
 
 
 def _gather_loss(image, text, scale, bias, *, kind, axes, num, label_smoothing):
     n = image.shape[0]
     global_b = n * num
+    # Device-varying scalars, as the custom VJP of the logits returns per-device gradients;
+    # pcast's transpose sums them.
+    scale = jax.lax.pcast(scale, axes, to="varying")
+    if bias is not None:
+        bias = jax.lax.pcast(bias, axes, to="varying")
+    targets = jax.lax.axis_index(axes) * n + jnp.arange(n)
     text_all = jax.lax.all_gather(text, axes, tiled=True)
     rows = _logits(image, text_all, scale, bias)
     if kind == "sigmoid":
-        first_row = jax.lax.axis_index(axes) * n
-        on_diag = jnp.arange(global_b)[None, :] == (first_row + jnp.arange(n))[:, None]
-        local = jnp.sum(jax.nn.log_sigmoid(jnp.where(on_diag, rows, -rows)))
+        on_diagonal = jnp.arange(global_b)[None, :] == targets[:, None]
+        local = _total(jax.nn.log_sigmoid(_signed(rows, on_diagonal)))
         return -jax.lax.psum(local, axes) / global_b
-    image_all = jax.lax.all_gather(image, axes, tiled=True)
     # text->image: this device's texts against all images are the columns of the global logits
-    # that belong to its texts, so both directions' LSEs are local row LSEs.
-    lse_i2t = jax.nn.logsumexp(rows, axis=1)
-    lse_t2i = jax.nn.logsumexp(_logits(text, image_all, scale, bias), axis=1)
-    return _softmax_total(image, text, scale, bias, lse_i2t, lse_t2i, axes, global_b, label_smoothing)
+    # that belong to its texts, so both directions are local row-wise cross entropies.
+    image_all = jax.lax.all_gather(image, axes, tiled=True)
+    local = (jnp.sum(_cross_entropy_rows(rows, targets, label_smoothing))
+             + jnp.sum(_cross_entropy_rows(_logits(text, image_all, scale), targets, label_smoothing)))
+    return jax.lax.psum(local, axes) / (2.0 * global_b)
 
 
 def _rotate(x, axes, num):
-    """Sends every device's ``x`` to its successor on the ring of the batch axes."""
+    """Sends every device's ``x`` (a pytree) to its successor on the ring of the batch axes."""
     return jax.lax.ppermute(x, axes, [(i, (i + 1) % num) for i in range(num)])
 
 
@@ -105,7 +154,8 @@ def _ring_scan(step, travelling, acc, axes, num):
     """Steps 1..N-1 of a ring: receive the predecessor's travelling arrays, fold them in.
 
     ``step(travelling, acc) -> (travelling, acc)``; returns the final pair. At step k a device
-    holds the blocks of the device k places before it.
+    holds the blocks that started k devices before it; step 0 (its own blocks, which hold the
+    diagonal) is done by the caller.
     """
     def body(carry, _):
         travelling, acc = carry
@@ -115,63 +165,73 @@ def _ring_scan(step, travelling, acc, axes, num):
     return travelling, acc
 
 
-# Ring softmax: image and text blocks travel together. Each device accumulates the image->text
-# LSEs of its images and the text->image LSEs of its texts (the row LSEs of text @ visiting
-# images^T), so no column statistics need to be sent back. The LSE is kept online as a running
-# max m and a sum l of exp(logit - m). The hand-written backward pass walks the ring again,
-# recomputing each (n x n) block from the saved (m, log l) as flash attention does, with the
-# visiting blocks' gradients travelling along; memory stays O(n^2 + n D) per device. The
-# probabilities are exp((logit - m) - log l): with m an exact logit this is as accurate as the
-# unsharded softmax (an fp32 lse of size ~20, or differentiating through the online updates,
-# would cost several ulps of p).
+# Ring softmax. Image and text blocks travel together. Each device accumulates the image->text
+# statistics of its images and the text->image statistics of its texts (rows of text @ visiting
+# images^T), so no column statistics need to be sent back at the end. Per row and direction it
+# keeps a running max m, the sum l of exp(logit - m) and the sum of the logits (for label
+# smoothing). The backward pass recomputes the probabilities as exp((logit - m) - log l): with m
+# an exact logit this is as accurate as the unsharded softmax, where an fp32 lse of size ~20 (or
+# differentiating through the online updates) would cost several ulps.
 
 
-def _online_lse(stats, logits):
-    """Folds a block of logits (rows x cols) into running row statistics (max, sum of exps)."""
+def _fold_rows(stats, logits):
+    """Folds a block of logits into running per-row (max, sum of exp(logit - max), sum)."""
     block_max = jnp.max(logits, axis=1)
     if stats is None:
-        return block_max, jnp.sum(jnp.exp(logits - block_max[:, None]), axis=1)
-    m, l = stats
+        return block_max, jnp.sum(jnp.exp(logits - block_max[:, None]), axis=1), jnp.sum(logits, axis=1)
+    m, l, total = stats
     new_m = jnp.maximum(m, block_max)
-    return new_m, l * jnp.exp(m - new_m) + jnp.sum(jnp.exp(logits - new_m[:, None]), axis=1)
+    l = l * jnp.exp(m - new_m) + jnp.sum(jnp.exp(logits - new_m[:, None]), axis=1)
+    return new_m, l, total + jnp.sum(logits, axis=1)
 
 
-def _ring_softmax_stats(axes, num, image, text, scale):
+def _ring_softmax_forward(axes, num, label_smoothing, image, text, scale):
     def fold(stats, text_block, image_block):
-        return (_online_lse(stats[0], scale * (image @ text_block.T)),
-                _online_lse(stats[1], scale * (text @ image_block.T)))
+        return (_fold_rows(stats[0], scale * (image @ text_block.T)),
+                _fold_rows(stats[1], scale * (text @ image_block.T)))
 
     def step(blocks, stats):
         return blocks, fold(stats, *blocks)
 
+    # The diagonal logits come from the own blocks, computed exactly as the reference does.
+    diagonals = (jnp.diagonal(scale * (image @ text.T)), jnp.diagonal(scale * (text @ image.T)))
     stats = _ring_scan(step, (text, image), fold((None, None), text, image), axes, num)[1]
-    # (max, log-sum) per direction.
-    return tuple((m, jnp.log(l)) for m, l in stats)
+    global_b = image.shape[0] * num
+    rows, saved = [], []
+    for (m, l, total), diagonal in zip(stats, diagonals):
+        log_l = jnp.log(l)
+        rows.append(m + log_l - (1.0 - label_smoothing) * diagonal
+                    - (label_smoothing / global_b) * total)
+        saved.append((m, log_l))
+    return tuple(rows), tuple(saved)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _ring_softmax_lses(axes, num, image, text, scale):
-    """(image->text LSE of this device's images, text->image LSE of its texts), both (n,)."""
-    return tuple(m + log_l for m, log_l in _ring_softmax_stats(axes, num, image, text, scale))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _ring_softmax_rows(axes, num, label_smoothing, image, text, scale):
+    """Per-row cross entropies, (image->text of this device's images, text->image of its texts)."""
+    return _ring_softmax_forward(axes, num, label_smoothing, image, text, scale)[0]
 
 
-def _ring_softmax_lses_fwd(axes, num, image, text, scale):
-    stats = _ring_softmax_stats(axes, num, image, text, scale)
-    return tuple(m + log_l for m, log_l in stats), (image, text, scale, stats)
+def _ring_softmax_rows_fwd(axes, num, label_smoothing, image, text, scale):
+    rows, saved = _ring_softmax_forward(axes, num, label_smoothing, image, text, scale)
+    return rows, (image, text, scale, saved)
 
 
-def _ring_softmax_lses_bwd(axes, num, res, cts):
+def _ring_softmax_rows_bwd(axes, num, label_smoothing, res, cts):
     image, text, scale, ((m_i2t, log_l_i2t), (m_t2i, log_l_t2i)) = res
-    ct_i2t, ct_t2i = cts
+    global_b = image.shape[0] * num
+    eye = jnp.eye(image.shape[0], dtype=image.dtype)
 
-    def probabilities(dots, m, log_l):
-        return jnp.exp((scale * dots - m[:, None]) - log_l[:, None])
+    def logit_grads(dots, m, log_l, ct, own):
+        target = label_smoothing / global_b + ((1.0 - label_smoothing) * eye if own else 0.0)
+        probabilities = jnp.exp((scale * dots - m[:, None]) - log_l[:, None])
+        return ct[:, None] * (probabilities - target)
 
-    def block_grads(text_block, image_block):
+    def block_grads(text_block, image_block, own):
         dots_i2t = image @ text_block.T
         dots_t2i = text @ image_block.T
-        g_i2t = ct_i2t[:, None] * probabilities(dots_i2t, m_i2t, log_l_i2t)
-        g_t2i = ct_t2i[:, None] * probabilities(dots_t2i, m_t2i, log_l_t2i)
+        g_i2t = logit_grads(dots_i2t, m_i2t, log_l_i2t, cts[0], own)
+        g_t2i = logit_grads(dots_t2i, m_t2i, log_l_t2i, cts[1], own)
         local = (scale * (g_i2t @ text_block), scale * (g_t2i @ image_block),
                  jnp.sum(g_i2t * dots_i2t, axis=1) + jnp.sum(g_t2i * dots_t2i, axis=1))
         visiting = (scale * (g_i2t.T @ image), scale * (g_t2i.T @ text))
@@ -179,37 +239,34 @@ def _ring_softmax_lses_bwd(axes, num, res, cts):
 
     def step(travelling, acc):
         text_block, image_block, d_text_block, d_image_block = travelling
-        local, (d_text_new, d_image_new) = block_grads(text_block, image_block)
+        local, (d_text_new, d_image_new) = block_grads(text_block, image_block, False)
         travelling = (text_block, image_block, d_text_block + d_text_new, d_image_block + d_image_new)
         return travelling, jax.tree.map(jnp.add, acc, local)
 
-    local, visiting = block_grads(text, image)
+    local, visiting = block_grads(text, image, True)
     travelling, (d_image, d_text, d_scale_rows) = _ring_scan(
         step, (text, image) + visiting, local, axes, num)
     # After N-1 shifts each device holds its successor's blocks: one more shift sends their
     # gradients home.
     d_text_home, d_image_home = _rotate(travelling[2:], axes, num)
-    return d_image + d_image_home, d_text + d_text_home, jnp.sum(d_scale_rows)
+    return d_image + d_image_home, d_text + d_text_home, _sum(d_scale_rows)
 
 
-_ring_softmax_lses.defvjp(_ring_softmax_lses_fwd, _ring_softmax_lses_bwd)
+_ring_softmax_rows.defvjp(_ring_softmax_rows_fwd, _ring_softmax_rows_bwd)
 
 
 # Ring sigmoid: only the text blocks travel; the diagonal lies in the block each device starts
-# with. The backward pass is built the same way as the softmax one.
+# with. The backward pass walks the ring again with the visiting text blocks' gradients.
 
 
-def _signed(logits, own):
-    """z * logits: z = +1 on the diagonal (only in a device's own block), -1 elsewhere."""
-    if not own:
-        return -logits
-    return jnp.where(jnp.eye(logits.shape[0], dtype=bool), logits, -logits)
+def _own_signed(logits, own):
+    return _signed(logits, jnp.eye(logits.shape[0], dtype=bool)) if own else -logits
 
 
 def _ring_sigmoid_forward(axes, num, image, text, scale, bias):
     def rows(text_block, own):
         logits = scale * (image @ text_block.T) + bias
-        return jnp.sum(jax.nn.log_sigmoid(_signed(logits, own)), axis=1)
+        return jnp.sum(jax.nn.log_sigmoid(_own_signed(logits, own)), axis=1)
 
     def step(text_block, acc):
         return text_block, acc + rows(text_block, False)
@@ -233,7 +290,7 @@ def _ring_sigmoid_rows_bwd(axes, num, res, ct):
     def block_grads(text_block, own):
         dots = image @ text_block.T
         # d log_sigmoid(x) / dx = sigmoid(-x), and d(z * logit) / d logit = z.
-        g = _signed(ct[:, None] * jax.nn.sigmoid(-_signed(scale * dots + bias, own)), own)
+        g = _own_signed(ct[:, None] * jax.nn.sigmoid(-_own_signed(scale * dots + bias, own)), own)
         local = (scale * (g @ text_block), jnp.sum(g * dots, axis=1), jnp.sum(g, axis=1))
         return local, scale * (g.T @ image)
 
@@ -246,7 +303,7 @@ def _ring_sigmoid_rows_bwd(axes, num, res, ct):
     travelling, (d_image, d_scale_rows, d_bias_rows) = _ring_scan(
         step, (text, visiting), local, axes, num)
     d_text = _rotate(travelling[1], axes, num)
-    return d_image, d_text, jnp.sum(d_scale_rows), jnp.sum(d_bias_rows)
+    return d_image, d_text, _sum(d_scale_rows), _sum(d_bias_rows)
 
 
 _ring_sigmoid_rows.defvjp(_ring_sigmoid_rows_fwd, _ring_sigmoid_rows_bwd)
@@ -254,27 +311,28 @@ _ring_sigmoid_rows.defvjp(_ring_sigmoid_rows_fwd, _ring_sigmoid_rows_bwd)
 
 def _ring_loss(image, text, scale, bias, *, kind, axes, num, label_smoothing):
     global_b = image.shape[0] * num
-    # The scalars enter the hand-written VJPs as device-varying values, so their per-device
-    # gradients get summed over the ring by pcast's transpose.
-    scale_v = jax.lax.pcast(scale, axes, to="varying")
+    # The scalars enter the hand-written VJPs as device-varying values, so that pcast's transpose
+    # sums their per-device gradients over the ring.
+    scale = jax.lax.pcast(scale, axes, to="varying")
     if kind == "sigmoid":
-        bias_v = jax.lax.pcast(jnp.zeros_like(scale) if bias is None else bias, axes, to="varying")
-        rows = _ring_sigmoid_rows(axes, num, image, text, scale_v, bias_v)
+        bias = jax.lax.pcast(jnp.zeros_like(scale) if bias is None else bias, axes, to="varying")
+        rows = _ring_sigmoid_rows(axes, num, image, text, scale, bias)
         return -jax.lax.psum(jnp.sum(rows), axes) / global_b
-    lse_i2t, lse_t2i = _ring_softmax_lses(axes, num, image, text, scale_v)
-    return _softmax_total(image, text, scale, bias, lse_i2t, lse_t2i, axes, global_b, label_smoothing)
+    rows_i2t, rows_t2i = _ring_softmax_rows(axes, num, float(label_smoothing), image, text, scale)
+    return jax.lax.psum(jnp.sum(rows_i2t) + jnp.sum(rows_t2i), axes) / (2.0 * global_b)
 
 
 def contrastive_loss(image_embeds, text_embeds, *, kind, logit_scale, logit_bias=None,
                      label_smoothing=0.0, mesh=None, impl="gather"):
     """Contrastive loss of paired, L2-normalised image and text embeddings of shape (B, D).
 
-    Logits are ``logit_scale * image_embeds @ text_embeds.T`` plus, for the sigmoid loss,
-    ``logit_bias`` (the softmax loss is invariant to a bias, so it ignores one); pass ``1 / temperature`` for ALIGN and
-    ``exp(logit_scale)`` for AltCLIP. Both scalars may be traced (learnable).
+    Logits are ``logit_scale * image_embeds @ text_embeds.T``, plus ``logit_bias`` for the sigmoid
+    loss (the softmax loss is invariant to a bias, so it ignores one). Pass ``1 / temperature``
+    for ALIGN and ``exp(logit_scale)`` for AltCLIP; both scalars may be traced (learnable).
 
-    kind="softmax": mean of the image->text and text->image cross-entropies, each averaged over
-        the batch, with PyTorch's label smoothing (target = (1 - e) one-hot + e / B).
+    kind="softmax": mean of the image->text and text->image cross entropies, each averaged over
+        the batch, with PyTorch's label smoothing (target = (1 - e) one-hot + e / B, e a Python
+        float).
     kind="sigmoid": SigLIP, ``-sum_ij log_sigmoid(z_ij * logit_ij) / B`` with z = +1 on the
         diagonal and -1 elsewhere.
     mesh=None: the plain single-device computation (the reference).
@@ -293,15 +351,10 @@ def contrastive_loss(image_embeds, text_embeds, *, kind, logit_scale, logit_bias
     if kind == "softmax":
         logit_bias = None
     if mesh is None:
-        logits = _logits(image_embeds, text_embeds, logit_scale, logit_bias)
-        if kind == "softmax":
-            return _softmax_reference(logits, label_smoothing)
-        return _sigmoid_reference(logits)
+        return _reference_loss(image_embeds, text_embeds, logit_scale, logit_bias, kind, label_smoothing)
 
     axes = batch_axes(mesh)
-    num = 1
-    for name in axes:
-        num *= mesh.shape[name]
+    num = batch_size_divisor(mesh)
     global_b = image_embeds.shape[0]
     if global_b % num:
         raise ValueError(f"contrastive_loss: the global batch {global_b} is not divisible by the "
