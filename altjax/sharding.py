@@ -151,6 +151,16 @@ def state_shardings(state, mesh: Mesh, rules: Sequence[Rule] = PARTITION_RULES, 
     return jax.tree_util.tree_map_with_path(one, state)
 
 
+def abstract_state(make_model: Callable[[], nnx.Module], mesh: Mesh,
+                   rules: Sequence[Rule] = PARTITION_RULES, *, fsdp_min_size: int = FSDP_MIN_SIZE):
+    """``(graphdef, state)`` of ``make_model()`` without computing it: the state's leaves are
+    ``jax.ShapeDtypeStruct``s carrying their NamedShardings (an orbax restore target, say)."""
+    graphdef, state = nnx.split(nnx.eval_shape(make_model))
+    shardings = state_shardings(state, mesh, rules, fsdp_min_size=fsdp_min_size)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    return graphdef, state
+
+
 def sharded_init(make_model: Callable[[], nnx.Module], mesh: Mesh,
                  rules: Sequence[Rule] = PARTITION_RULES, *, fsdp_min_size: int = FSDP_MIN_SIZE):
     """Builds ``make_model()`` with every parameter created directly in its sharded layout.
@@ -161,21 +171,35 @@ def sharded_init(make_model: Callable[[], nnx.Module], mesh: Mesh,
     ``out_shardings``, so each device only computes and holds its shards. With JAX's default
     partitionable threefry the values equal those of an unsharded ``make_model()``.
     """
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
-    shardings = state_shardings(abstract_state, mesh, rules, fsdp_min_size=fsdp_min_size)
+    graphdef, abstract = abstract_state(make_model, mesh, rules, fsdp_min_size=fsdp_min_size)
 
     def init():
         return nnx.split(make_model())[1]
 
-    state = jax.jit(init, out_shardings=shardings)()
+    state = jax.jit(init, out_shardings=jax.tree.map(lambda x: x.sharding, abstract))()
     return nnx.merge(graphdef, state)
 
 
-def shard_batch(local_batch, mesh: Mesh):
-    """Global arrays from this process's slice of the batch (a pytree of NumPy arrays).
+def process_batch_rows(mesh: Mesh, global_batch: int) -> slice:
+    """The rows of a global batch that this process must load for ``shard_batch``."""
+    if global_batch % batch_size_divisor(mesh):
+        raise ValueError(f"global batch {global_batch} is not divisible by the "
+                         f"{batch_size_divisor(mesh)} devices on the batch axes {batch_axes(mesh)}")
+    indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch,)).values()
+    starts = {index[0].start or 0 for index in indices}
+    stops = {global_batch if index[0].stop is None else index[0].stop for index in indices}
+    rows = slice(min(starts), max(stops))
+    per_device = global_batch // batch_size_divisor(mesh)
+    if len(starts) * per_device != rows.stop - rows.start:
+        raise ValueError(f"this process's devices hold non-contiguous rows of the batch: {sorted(starts)}")
+    return rows
 
-    Each process passes its own rows (its share of the global batch, in process order); the
-    leading dimension of the result is the global batch, split over the batch axes.
+
+def shard_batch(local_batch, mesh: Mesh):
+    """Global arrays from this process's rows of the batch (a pytree of NumPy arrays).
+
+    Each process passes its own rows, ``global[process_batch_rows(mesh, B)]``; the leading
+    dimension of the result is the global batch, split over the batch axes.
     """
     sharding = batch_sharding(mesh)
     return jax.tree_util.tree_map(
