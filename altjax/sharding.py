@@ -75,9 +75,14 @@ def batch_size_divisor(mesh: Mesh) -> int:
     return math.prod(mesh.shape[name] for name in batch_axes(mesh))
 
 
+def _spec_entry(axes: tuple[str, ...]):
+    """A PartitionSpec entry for a dimension split over ``axes``."""
+    return axes[0] if len(axes) == 1 else axes
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over the batch axes, everything else replicated."""
-    return NamedSharding(mesh, P(batch_axes(mesh)))
+    return NamedSharding(mesh, P(_spec_entry(batch_axes(mesh))))
 
 
 def path_to_str(path) -> str:
@@ -107,7 +112,7 @@ def _fsdp_spec(shape, mesh: Mesh, fsdp_min_size: int) -> P:
     # Largest dimension first; among equals the last one, which keeps matmul inputs contiguous.
     dim = max(candidates, key=lambda d: (shape[d], d))
     spec = [None] * len(shape)
-    spec[dim] = axes if len(axes) > 1 else axes[0]
+    spec[dim] = _spec_entry(axes)
     return P(*spec)
 
 
