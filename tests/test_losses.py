@@ -182,3 +182,18 @@ def test_ring_memory_scales_with_local_block():
     ring, gather = temp_bytes("ring"), temp_bytes("gather")
     assert ring <= 8 * block, f"ring temporaries {ring} B exceed 8 local blocks ({8 * block} B)"
     assert gather >= num * block, f"gather temporaries {gather} B, expected >= one (B/N) x B block ({num * block} B)"
+
+
+def test_benchmark_smoke():
+    """benchmarks/loss_memory.py at toy sizes: every variant compiles, runs and is tabulated."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "loss_memory.py"
+    spec = importlib.util.spec_from_file_location("loss_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--sizes", "64,128", "--dim", "16", "--repeats", "1"])
+    assert [(r["B"], r["impl"], r["status"]) for r in rows] == [
+        (b, impl, "ok") for b in (64, 128) for impl in ("naive", "gather", "ring")], rows
+    assert all(len(r["times"]) == 1 for r in rows), rows
