@@ -85,10 +85,9 @@ _affine.defvjp(_affine_fwd, _affine_bwd)
 
 def _logits(image_embeds, text_embeds, logit_scale, logit_bias=None):
     """scale * image @ text^T (+ bias)."""
-    scale = jnp.asarray(logit_scale, image_embeds.dtype)
     if logit_bias is None:
-        return _scaled(image_embeds @ text_embeds.T, scale)
-    return _affine(image_embeds @ text_embeds.T, scale, jnp.asarray(logit_bias, scale.dtype))
+        return _scaled(image_embeds @ text_embeds.T, logit_scale)
+    return _affine(image_embeds @ text_embeds.T, logit_scale, logit_bias)
 
 
 def _cross_entropy_rows(logits, targets, label_smoothing):
@@ -350,8 +349,15 @@ def contrastive_loss(image_embeds, text_embeds, *, kind, logit_scale, logit_bias
                          f"and {text_embeds.shape}")
     if kind == "softmax":
         logit_bias = None
+    # The loss is computed in (at least) fp32 whatever the embeddings' compute dtype.
+    dtype = jnp.promote_types(image_embeds.dtype, jnp.float32)
+    scalars = [jnp.asarray(logit_scale, dtype)]
+    if logit_bias is not None:
+        scalars.append(jnp.asarray(logit_bias, dtype))
     if mesh is None:
-        return _reference_loss(image_embeds, text_embeds, logit_scale, logit_bias, kind, label_smoothing)
+        return _reference_loss(jnp.asarray(image_embeds, dtype), jnp.asarray(text_embeds, dtype),
+                               scalars[0], scalars[1] if logit_bias is not None else None, kind,
+                               label_smoothing)
 
     axes = batch_axes(mesh)
     num = batch_size_divisor(mesh)
@@ -360,10 +366,6 @@ def contrastive_loss(image_embeds, text_embeds, *, kind, logit_scale, logit_bias
         raise ValueError(f"contrastive_loss: the global batch {global_b} is not divisible by the "
                          f"{num} devices on the mesh's batch axes {axes}")
 
-    dtype = jnp.promote_types(image_embeds.dtype, jnp.float32)
-    scalars = [jnp.asarray(logit_scale, dtype)]
-    if logit_bias is not None:
-        scalars.append(jnp.asarray(logit_bias, dtype))
     local_loss = _ring_loss if impl == "ring" else _gather_loss
 
     def body(image, text, scale, *maybe_bias):
