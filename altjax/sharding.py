@@ -47,9 +47,10 @@ PARTITION_RULES: tuple[Rule, ...] = (
 def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The ("data", "model") mesh over ``devices`` (default: all global devices).
 
-    One of the sizes may be -1, meaning "all the remaining devices". The axes are of type Auto,
-    so jit propagates shardings the usual (GSPMD) way; ``contrastive_loss`` and the training step
-    use ``jax.shard_map`` where they need explicit collectives.
+    One of the sizes may be -1, meaning "all the remaining devices"; a config's ``mesh`` entry
+    ``{"data": -1, "model": 1}`` is used as ``make_mesh(**config.mesh)``. The axes are of type
+    Auto, so jit propagates shardings the usual (GSPMD) way; ``contrastive_loss`` uses
+    ``jax.shard_map`` for its explicit collectives.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, model]

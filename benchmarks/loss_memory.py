@@ -101,7 +101,7 @@ def measure(b: int, dim: int, impl: str, mesh, *, kind: str, label_smoothing: fl
     return row
 
 
-def format_table(rows: list[dict], impls: list[str]) -> str:
+def format_table(rows: list[dict], impls: list[str], repeats: int) -> str:
     """One line per batch size, the impls side by side: memory per device | median step time."""
     by_size: dict[int, dict[str, dict]] = {}
     for row in rows:
@@ -122,10 +122,15 @@ def format_table(rows: list[dict], impls: list[str]) -> str:
             if row["status"] not in ("ok", "compiled only"):
                 notes.append(f"B={b} {impl}: {row['status']} (compiled: {_gb(row['temp_per_device'])} "
                              f"temporaries per device x {row['devices']} device(s))")
+            elif 0 < len(row["times"]) < repeats:
+                notes.append(f"B={b} {impl}: median of {len(row['times'])} timed step(s), the time budget "
+                             "allowed no more")
         ring = cells.get("ring")
         ratio = f"{ring['temp_per_device'] / ring['block_bytes']:.2f}" if ring else "-"
         lines.append(f"{b:>7} | " + " | ".join(parts) + f" | {ratio:>10}")
-    return "\n".join(lines + [""] + notes)
+    footer = ("ring temp / block: per-device temporaries over one (B/N)^2 fp32 block of logits; it "
+              "tends to a constant as B grows (the (B/N) x D embedding buffers dominate at small B).")
+    return "\n".join(lines + ["", footer] + notes)
 
 
 def main(argv=None) -> list[dict]:
@@ -172,7 +177,7 @@ def main(argv=None) -> list[dict]:
             print(f"  B={b} {impl}: temp/device {_gb(row['temp_per_device'])}, times [{times}] s, "
                   f"{row['status']}", flush=True)
     print()
-    print(format_table(rows, impls))
+    print(format_table(rows, impls, args.repeats))
     return rows
 
 
