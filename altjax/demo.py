@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     size = config.vision_config.image_size
     print(f"altjax demo: random {args.preset} on {jax.devices()[0].platform}, batch {args.batch}, {args.dtype}")
     t0 = time.perf_counter()
-    model = AlignModel(config, dtype=getattr(jnp, args.dtype), rngs=nnx.Rngs(0))
+    # Random init op by op compiles one tiny program per parameter shape; one jitted init is far faster.
+    model = nnx.jit(lambda: AlignModel(config, dtype=getattr(jnp, args.dtype), rngs=nnx.Rngs(0)))()
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"  built model: {n_params / 1e6:.1f}M parameters in {time.perf_counter() - t0:.1f}s")
 
