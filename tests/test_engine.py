@@ -73,3 +73,10 @@ def test_duplicate_spellings_are_an_error():
     state["enc.layer.0.dense.weight"] = state["enc.layers.0.dense.weight"]
     with pytest.raises(ConversionError, match="keys given twice"):
         torch_to_nnx(state, TABLE, SHAPES)
+
+
+def test_scalars_keep_their_shape_both_ways():
+    table = Table(rows=(Row("logit_scale", "logit_scale"),))
+    params = torch_to_nnx({"logit_scale": np.array(2.5, np.float32)}, table, {"logit_scale": ()})
+    assert params["logit_scale"].shape == (), f"scalar came back with shape {params['logit_scale'].shape}"
+    assert nnx_to_torch(params, table)["logit_scale"].shape == ()

@@ -92,6 +92,11 @@ def _raise_if(problems: list[tuple[str, list[str]]], what: str) -> None:
         raise ConversionError(f"{what}:\n" + "\n".join(_listing(t, items) for t, items in problems))
 
 
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    # np.ascontiguousarray would turn a 0-d scalar (temperature, logit_scale) into shape (1,).
+    return np.require(a, requirements="C")
+
+
 def _rewrite(key: str, rules: Iterable[tuple[str, str]]) -> str:
     for pattern, repl in rules:
         key = re.sub(pattern, repl, key)
@@ -140,7 +145,7 @@ def torch_to_nnx(
             want_torch = tuple(backward(np.empty(want, dtype=np.uint8)).shape) if len(want) == value.ndim else want
             mismatched.append(f"{key}: {source} has {tuple(value.shape)}, the model expects {want_torch}")
             continue
-        out[row.nnx] = np.ascontiguousarray(forward(value))
+        out[row.nnx] = _contiguous(forward(value))
     _raise_if([("shape mismatches", mismatched)], f"{source} does not match the model")
     return out
 
@@ -161,7 +166,7 @@ def nnx_to_torch(params: Mapping[str, Any], table: Table, *, on_disk: bool = Tru
         if row.layout == COUNTER:
             out[key] = np.zeros((), dtype=np.int64)
             continue
-        out[key] = np.ascontiguousarray(LAYOUTS[row.layout][1](np.asarray(params[row.nnx])))
+        out[key] = _contiguous(LAYOUTS[row.layout][1](np.asarray(params[row.nnx])))
     return out
 
 
