@@ -183,7 +183,7 @@ def model_variables(model: Any) -> dict[str, Any]:
     """Dotted path -> ``nnx.Variable`` for every parameter and BatchNorm statistic of ``model``."""
     from flax import nnx
 
-    flat = nnx.state(model).flat_state()
+    flat = nnx.to_flat_state(nnx.state(model))
     return {".".join(str(p) for p in path): var for path, var in flat if _is_weight(var)}
 
 
