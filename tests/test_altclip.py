@@ -415,7 +415,7 @@ def test_full_size_fp32_matches(altclip_l14):
     text, pixels = make_inputs(cfg, 224, batch=2, length=16, seed=8)
     with torch.no_grad():
         ref = tm(**torch_inputs(text, pixels), return_loss=True)
-    logit_scale = float(tm.logit_scale)
+    logit_scale = tm.logit_scale.item()
     # Views of the torch tensors (no copy); once loaded, the model holds the only copy.
     views = {k: v.numpy() for k, v in tm.state_dict().items()}
     engine.load_params(model, engine.torch_to_nnx(views, altclip_table(cfg), engine.model_shapes(model)))
