@@ -414,3 +414,18 @@ def test_bf16_compute_is_close_to_fp32_reference():
     cos = float(np.min(cosine(out.pooler_output, ref)))
     assert cos >= 0.999, f"bf16 pooler_output cosine to the fp32 reference {cos:.5f} < 0.999"
     print(f"bf16: min cosine {cos:.6f}")
+
+
+def test_random_initialisation_keeps_activations_alive_through_a_deep_tower():
+    # With transformers' N(0, 0.02) conv init the activations of a random deep tower underflow and
+    # the L2-normalised embedding is NaN (a random align-base gave NaN logits). With EfficientNet's
+    # He fan-out init they still shrink in eval mode (SE gates ~0.5, BatchNorm running stats (0, 1)
+    # do not renormalise) but stay far from underflow: B3 gives norms ~4e-4, versus ~4e-13 when the
+    # depthwise kernels take JAX's fan-out (k*k*C) instead of TF's (k*k).
+    config = efficientnet_config("b3", image_size=64)
+    model = nnx.jit(lambda: EfficientNet(config, rngs=nnx.Rngs(0)))()
+    pixels = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    pooled = np.asarray(nnx.jit(lambda m, x: m(x).pooler_output)(model, pixels))
+    assert np.all(np.isfinite(pooled)), "random-init pooled output has non-finite values"
+    norms = np.linalg.norm(pooled, axis=-1)
+    assert np.all(norms > 1e-5), f"random-init pooled output nearly vanishes: norms {norms}"

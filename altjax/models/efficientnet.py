@@ -322,7 +322,11 @@ def _conv(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=nnx.initializers.normal(0.02),
+        # EfficientNet's own init (He normal over fan-out), not transformers' N(0, 0.02): with 0.02 the
+        # activations of a randomly initialised B7 vanish through 55 blocks and the embeddings are NaN.
+        # A depthwise kernel (k, k, 1, C) has TF fan-out k*k (one output per channel), which is JAX's
+        # fan-in here; JAX's fan-out k*k*C would shrink activations by C at every block.
+        kernel_init=nnx.initializers.variance_scaling(2.0, "fan_in" if groups > 1 else "fan_out", "normal"),
         bias_init=nnx.initializers.zeros,
         rngs=rngs,
     )
