@@ -112,14 +112,6 @@ def _align_tiny() -> AlignConfig:
 PRESETS = {"align-base": _align_base, "align-tiny": _align_tiny}
 
 
-def _nhwc(pixel_values: jax.Array, channels: int) -> jax.Array:
-    # altjax processors give NHWC; HF-style NCHW input (channels in dim 1, not last) is accepted too.
-    x = jnp.asarray(pixel_values)
-    if x.ndim == 4 and x.shape[-1] != channels and x.shape[1] == channels:
-        x = jnp.transpose(x, (0, 2, 3, 1))
-    return x
-
-
 class AlignModel(nnx.Module):
     """ALIGN dual encoder with the attribute names of transformers' ``AlignModel``.
 
@@ -165,7 +157,7 @@ class AlignModel(nnx.Module):
 
     def _vision(self, pixel_values, output_hidden_states=False) -> TowerOutput:
         return self.vision_model(
-            _nhwc(pixel_values, self.config.vision_config.num_channels), output_hidden_states=output_hidden_states
+            layers.to_nhwc(pixel_values, self.config.vision_config.num_channels), output_hidden_states=output_hidden_states
         )
 
     def get_text_features(

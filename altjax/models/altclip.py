@@ -125,14 +125,6 @@ def _altclip_tiny() -> AltCLIPConfig:
 PRESETS = {"altclip": _altclip, "altclip-b32": _altclip_b32, "altclip-tiny": _altclip_tiny}
 
 
-def _nhwc(pixel_values: jax.Array, channels: int) -> jax.Array:
-    # altjax processors give NHWC; HF-style NCHW input (channels in dim 1, not last) is accepted too.
-    x = jnp.asarray(pixel_values)
-    if x.ndim == 4 and x.shape[-1] != channels and x.shape[1] == channels:
-        x = jnp.transpose(x, (0, 2, 3, 1))
-    return x
-
-
 def _projection(din: int, dout: int, factor: float, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
     # transformers' init for both projections: no bias, N(0, din^-0.5 * initializer_factor).
     return nnx.Linear(
@@ -180,7 +172,7 @@ class AltCLIPModel(nnx.Module):
 
     def _vision(self, pixel_values, interpolate_pos_encoding=False, output_hidden_states=False):
         out = self.vision_model(
-            _nhwc(pixel_values, self.config.vision_config.num_channels),
+            layers.to_nhwc(pixel_values, self.config.vision_config.num_channels),
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_hidden_states=output_hidden_states,
         )

@@ -45,6 +45,15 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
+def to_nhwc(pixel_values: jax.Array, channels: int) -> jax.Array:
+    """Images as NHWC. altjax processors give NHWC; HF-style NCHW input (channels in dim 1 and not
+    last) is transposed, so that transformers' processor outputs work unchanged."""
+    x = jnp.asarray(pixel_values)
+    if x.ndim == 4 and x.shape[-1] != channels and x.shape[1] == channels:
+        x = jnp.transpose(x, (0, 2, 3, 1))
+    return x
+
+
 def linear(din: int, dout: int, *, use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
     """A Linear layer with fp32 parameters, N(0, 0.02) weights and zero bias (transformers' init)."""
     return nnx.Linear(
