@@ -42,3 +42,18 @@ def assert_rel_close(actual, expected, *, rtol: float, what: str) -> float:
 def cosine(a, b) -> np.ndarray:
     a, b = to_numpy(a).astype(np.float64), to_numpy(b).astype(np.float64)
     return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def assert_round_trip(back: dict, state: dict) -> None:
+    """Asserts an exported state dict equals the original bit for bit, key for key, dtype for dtype.
+
+    ``num_batches_tracked`` (BatchNorm's counter, which has no NNX counterpart) must come back as
+    an int64 scalar 0, whatever the original held.
+    """
+    assert set(back) == set(state), f"key sets differ: {sorted(set(back) ^ set(state))}"
+    for k, v in state.items():
+        if k.endswith("num_batches_tracked"):
+            assert back[k].dtype == np.int64 and back[k].shape == () and back[k] == 0, f"{k} not written as int64 0"
+            continue
+        assert back[k].dtype == v.dtype, f"{k}: dtype {back[k].dtype} != {v.dtype}"
+        np.testing.assert_array_equal(back[k], v, err_msg=f"{k} changed in the round trip")

@@ -22,7 +22,7 @@ from altjax.checkpoint import CheckpointError
 from altjax.conversion import engine
 from altjax.conversion.altclip import altclip_table
 from altjax.models.altclip import AltCLIPConfig, AltCLIPModel
-from helpers import assert_close, assert_rel_close, cosine, torch_state
+from helpers import assert_close, assert_rel_close, assert_round_trip, cosine, torch_state
 
 # Tiny configurations: widths, depths, head counts, patch and image sizes (one not a multiple of
 # the patch), pad ids, projection widths, logit scales.
@@ -224,10 +224,7 @@ def test_bf16_compute_is_close(tiny):
 def test_round_trip_is_bit_exact(tiny):
     state = tiny["state"]
     back = engine.nnx_to_torch(engine.model_params(convert(state, tiny["cfg"])), altclip_table(tiny["cfg"]), on_disk=False)
-    assert set(back) == set(state), f"key sets differ: {sorted(set(back) ^ set(state))}"
-    for k, v in state.items():
-        assert back[k].dtype == v.dtype, f"{k}: dtype {back[k].dtype} != {v.dtype}"
-        np.testing.assert_array_equal(back[k], v, err_msg=f"{k} changed in the round trip")
+    assert_round_trip(back, state)
 
 
 def flat(state):

@@ -20,7 +20,7 @@ from altjax.checkpoint import CheckpointError
 from altjax.conversion import engine
 from altjax.conversion.clip import clip_teacher_table, clip_text_table
 from altjax.models.clip_text import CLIPText, CLIPTextConfig, CLIPTextTeacher, eos_positions
-from helpers import assert_close, assert_rel_close, cosine, torch_state
+from helpers import assert_close, assert_rel_close, assert_round_trip, cosine, torch_state
 
 # Tiny configurations with both pooling conventions: end-of-text = the last id of the vocabulary
 # (CLIP's layout, 49407 of 49408), the legacy eos_token_id=2 (pooled at the largest id), and an
@@ -301,10 +301,7 @@ def test_round_trip_is_bit_exact(name):
     model = convert_state(state, cfg)
     back = engine.nnx_to_torch(engine.model_params(model), clip_teacher_table(cfg), on_disk=False)
     teacher_keys = {k for k in state if k.startswith("text_model.") or k == "text_projection.weight"}
-    assert set(back) == teacher_keys, f"key sets differ: {sorted(set(back) ^ teacher_keys)}"
-    for k in teacher_keys:
-        np.testing.assert_array_equal(back[k], state[k], err_msg=f"{k} changed in the round trip")
-        assert back[k].dtype == state[k].dtype, f"{k}: dtype {back[k].dtype} != {state[k].dtype}"
+    assert_round_trip(back, {k: state[k] for k in teacher_keys})
     stale = {**state, "text_model.embeddings.position_ids": np.arange(cfg.max_position_embeddings)[None]}
     for k, v in engine.model_params(convert_state(stale, cfg)).items():
         np.testing.assert_array_equal(v, engine.model_params(model)[k], err_msg=f"{k} differs with a stale buffer")

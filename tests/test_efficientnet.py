@@ -27,7 +27,7 @@ from altjax.models.efficientnet import (
     block_specs,
     efficientnet_config,
 )
-from helpers import assert_close, assert_rel_close, cosine, torch_state
+from helpers import assert_close, assert_rel_close, assert_round_trip, cosine, torch_state
 
 # Tiny configurations: k3/k5/k7 depthwise kernels, stride-2 stages with adjusted and non-adjusted
 # (depthwise_padding) pads, expand ratio 1 with residual repeats, width/depth coefficients != 1,
@@ -308,11 +308,8 @@ def test_round_trip_is_bit_exact(name):
     cfg = EfficientNetConfig.from_hf(hc.to_dict())
     state = torch_state(torch_model(hc, seed=12))
     back = engine.nnx_to_torch(engine.model_params(convert_state(state, cfg)), efficientnet_table(cfg), on_disk=False)
-    assert set(back) == set(state), f"key sets differ: {sorted(set(back) ^ set(state))}"
     assert list(back) == list(state), "export order differs from the state_dict order"
-    for k, v in state.items():
-        np.testing.assert_array_equal(back[k], v, err_msg=f"{k} changed in the round trip")
-        assert back[k].dtype == v.dtype, f"{k}: dtype {back[k].dtype} != {v.dtype}"
+    assert_round_trip(back, state)
 
 
 def test_missing_and_misshapen_keys_are_named():
