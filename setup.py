@@ -8,7 +8,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["altjax", "altjax.*", "convert", "convert.*"]),
+    # convert/ (the thin command-line converters) installs as ``altjax_convert``: a top-level package
+    # named plainly ``convert`` would collide in site-packages.
+    packages=find_packages(include=["altjax", "altjax.*"]) + ["altjax_convert"],
+    package_dir={"altjax_convert": "convert"},
     install_requires=[
         "jax>=0.8",
         "flax>=0.12.8",
@@ -33,5 +36,12 @@ setup(
             "scikit-image",
         ],
     },
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "altjax-convert = altjax_convert.cli:main",
+            "altjax-train = altjax.train:main",
+            "altjax-eval = altjax.evaluation.cli:eval_main",
+            "altjax-embed = altjax.evaluation.cli:embed_main",
+        ]
+    },
 )
