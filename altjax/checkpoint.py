@@ -1,44 +1,101 @@
-"""Reading Hugging Face checkpoint directories (config.json + safetensors) without torch."""
+"""Model directories on disk: Hugging Face checkpoints and altjax (orbax) checkpoints.
+
+An **HF directory** holds ``config.json`` and its weights as ``model.safetensors``, sharded
+safetensors (``model.safetensors.index.json`` + ``model-0000i-of-0000n.safetensors``), or
+``pytorch_model.bin`` (torch is needed for that one only). Tensors are read lazily, one at a time,
+so loading holds about one copy of the model in memory.
+
+An **altjax directory** holds the same ``config.json``, the parameters and BatchNorm statistics as
+an orbax checkpoint under ``params/``, and the processor files (tokenizer, image processor config)
+copied from where the model came from. It can be restored straight into a mesh sharding.
+
+Both kinds are written atomically: into a temporary sibling directory, renamed into place when
+complete, so a failure never leaves a partial checkpoint behind.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Callable, Iterator, Mapping
+import re
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
+
+from altjax.progress import Progress
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+BIN_WEIGHTS_NAME = "pytorch_model.bin"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+ALTJAX_PARAMS_DIR = "params"
+# Tokenizer and image-processor files a model directory may carry; copied along with the weights.
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "merges.txt",
+)
+# transformers 5's default: one file up to 50 GB.
+DEFAULT_MAX_SHARD_SIZE = "50GB"
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory or file is missing, unreadable or of the wrong kind."""
 
 
+# --- config.json ------------------------------------------------------------------------------
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The ``config.json`` of an HF (or altjax) model directory, as a dict."""
-    file = os.path.join(path, "config.json")
+    path = os.fspath(path)
+    file = os.path.join(path, CONFIG_NAME)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
     if not os.path.isfile(file):
         raise CheckpointError(f"{path}: no config.json in the model directory")
     try:
         with open(file, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
-def check_model_type(config: Mapping[str, Any], expected: str, source: str) -> None:
+def check_model_type(config: Mapping[str, Any], expected: str | tuple[str, ...], source: str) -> None:
+    """Raises ``CheckpointError`` unless ``config["model_type"]`` is ``expected`` (or one of them)."""
+    allowed = (expected,) if isinstance(expected, str) else tuple(expected)
     got = config.get("model_type")
-    if got != expected:
-        raise CheckpointError(f"{source}: model_type is {got!r}, expected {expected!r}")
+    if got not in allowed:
+        want = " or ".join(repr(a) for a in allowed)
+        raise CheckpointError(f"{source}: model_type is {got!r}, expected {want}")
+
+
+# --- reading HF weights lazily ----------------------------------------------------------------
 
 
 class SafetensorsFile(Mapping[str, np.ndarray]):
-    """A lazy mapping over one ``.safetensors`` file: each tensor is read when it is looked up."""
+    """A lazy mapping over one ``.safetensors`` file: each tensor is read when it is looked up.
+
+    ``shape(key)`` reads the shape from the header without reading the tensor.
+    """
 
     def __init__(self, file: str | os.PathLike):
         from safetensors import safe_open
 
-        self.file = str(file)
+        self.file = os.fspath(file)
         try:
             self._handle = safe_open(self.file, framework="np")
             self._keys = list(self._handle.keys())
@@ -46,10 +103,15 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
             raise CheckpointError(f"{self.file}: not a readable safetensors file ({e})") from None
 
     def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._keys:
+            raise KeyError(key)
         try:
             return self._handle.get_tensor(key)
         except Exception as e:
             raise CheckpointError(f"{self.file}: cannot read tensor {key!r} ({e})") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle.get_slice(key).get_shape())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -58,35 +120,379 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         return len(self._keys)
 
 
+def _torch_to_numpy(tensor) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16; ml_dtypes (a jax dependency) does
+        import ml_dtypes
+
+        return tensor.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+class TorchBinFile(Mapping[str, np.ndarray]):
+    """A ``pytorch_model.bin`` as a mapping; memory-mapped, so tensors are paged in as they are read."""
+
+    def __init__(self, file: str | os.PathLike):
+        self.file = os.fspath(file)
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(f"{self.file}: reading pytorch_model.bin needs torch; "
+                                  "install torch or convert the directory to safetensors") from None
+        try:
+            state = torch.load(self.file, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{self.file}: not a readable PyTorch checkpoint ({e})") from None
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"{self.file}: expected a state dict, got {type(state).__name__}")
+        self._state = dict(state)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return _torch_to_numpy(self._state[key])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._state[key].shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
+class ShardedWeights(Mapping[str, np.ndarray]):
+    """Several weight files behind an index (``weight_map``: key -> file), each opened on first use."""
+
+    def __init__(self, index_file: str, opener: Callable[[str], Mapping[str, np.ndarray]]):
+        self.file = index_file
+        try:
+            with open(index_file, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_file}: not a valid weight index ({e!r})") from None
+        folder = os.path.dirname(index_file)
+        missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(folder, f))})
+        if missing:
+            raise CheckpointError(f"{index_file}: lists shard files that do not exist: {', '.join(missing)}")
+        self._weight_map: dict[str, str] = dict(weight_map)
+        self._folder, self._opener = folder, opener
+        self._open: dict[str, Mapping[str, np.ndarray]] = {}
+
+    def _shard(self, key: str) -> Mapping[str, np.ndarray]:
+        name = self._weight_map[key]
+        if name not in self._open:
+            self._open[name] = self._opener(os.path.join(self._folder, name))
+        shard = self._open[name]
+        if key not in shard:
+            raise CheckpointError(f"{self.file}: maps {key!r} to {name}, which does not contain it")
+        return shard
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._shard(key)[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        shard = self._shard(key)
+        return shard.shape(key) if hasattr(shard, "shape") else tuple(np.shape(shard[key]))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._weight_map)
+
+    def __len__(self) -> int:
+        return len(self._weight_map)
+
+
 def open_weights(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
-    """The weights of an HF model directory as a lazy key -> array mapping."""
-    file = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(file):
-        raise CheckpointError(f"{path}: no model.safetensors in the model directory")
-    return SafetensorsFile(file)
+    """The weights of an HF model directory as a lazy key -> array mapping.
+
+    Looks for, in order: ``model.safetensors``, ``model.safetensors.index.json``,
+    ``pytorch_model.bin``, ``pytorch_model.bin.index.json``.
+    """
+    path = os.fspath(path)
+    candidates = [
+        (SAFE_WEIGHTS_NAME, SafetensorsFile),
+        (SAFE_INDEX_NAME, lambda f: ShardedWeights(f, SafetensorsFile)),
+        (BIN_WEIGHTS_NAME, TorchBinFile),
+        (BIN_INDEX_NAME, lambda f: ShardedWeights(f, TorchBinFile)),
+    ]
+    for name, opener in candidates:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            return opener(file)
+    raise CheckpointError(f"{path}: no weights in the model directory (looked for "
+                          f"{', '.join(name for name, _ in candidates)}, and {ALTJAX_PARAMS_DIR}/ of an altjax directory)")
 
 
-def load_hf_model(
+def is_altjax_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an altjax directory (orbax parameters under ``params/``)."""
+    return os.path.isdir(os.path.join(path, ALTJAX_PARAMS_DIR))
+
+
+# --- writing atomically -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[str]:
+    """Yields a temporary directory beside ``path``; renames it to ``path`` when the block succeeds.
+
+    On any error the temporary directory is removed and ``path`` is untouched. An existing
+    ``path`` is an error unless ``overwrite``, in which case it is replaced only once the new
+    directory is complete.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise CheckpointError(f"{path}: output path exists (choose another path or pass overwrite)")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"{parent}: the output's parent directory does not exist")
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.rename(path, os.path.join(old, "x"))
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_json(file: str, obj: Any) -> None:
+    with open(file, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def copy_processor_files(src: Optional[str], dst: str) -> list[str]:
+    """Copies the tokenizer and image-processor files of ``src`` (if any) into ``dst``."""
+    copied = []
+    if src and os.path.isdir(src):
+        for name in PROCESSOR_FILES:
+            file = os.path.join(src, name)
+            if os.path.isfile(file):
+                shutil.copy2(file, os.path.join(dst, name))
+                copied.append(name)
+    return copied
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like ``"5GB"``, ``"500MB"``, ``"2GiB"`` (as transformers reads them)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", size.upper())
+    if not m:
+        raise ValueError(f"cannot read size {size!r} (e.g. 5GB, 500MB)")
+    number, unit = float(m.group(1)), m.group(2)
+    powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    return int(number * powers[unit])
+
+
+def write_hf_weights(folder: str, tensors: Mapping[str, np.ndarray], *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                     progress: bool = False) -> list[str]:
+    """Writes ``tensors`` (key -> array, read lazily in order) as safetensors the way transformers does.
+
+    One ``model.safetensors`` up to ``max_shard_size``; above it ``model-0000i-of-0000n.safetensors``
+    shards plus ``model.safetensors.index.json``. Each shard is built from ``tensors`` when it is
+    written, so only one shard is held in memory at a time. Returns the file names written.
+    """
+    from safetensors.numpy import save_file
+
+    limit = parse_size(max_shard_size)
+    keys = list(tensors)
+    sizes = {k: int(np.prod(_shape(tensors, k), dtype=np.int64)) * _itemsize(tensors, k) for k in keys}
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for k in keys:
+        # As transformers: a tensor larger than the limit gets a shard of its own.
+        if shards[-1] and filled + sizes[k] > limit:
+            shards.append([])
+            filled = 0
+        shards[-1].append(k)
+        filled += sizes[k]
+    names = ([SAFE_WEIGHTS_NAME] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    with Progress(sum(sizes.values()), "writing safetensors", unit="MB", scale=1e6, enabled=progress) as bar:
+        for name, shard in zip(names, shards):
+            arrays = {}
+            for k in shard:
+                arrays[k] = tensors[k]
+                bar.update(sizes[k])
+            save_file(arrays, os.path.join(folder, name), metadata={"format": "pt"})
+            del arrays
+    if len(shards) > 1:
+        _write_json(os.path.join(folder, SAFE_INDEX_NAME), {
+            "metadata": {"total_size": sum(sizes.values()),
+                         "total_parameters": sum(s // _itemsize(tensors, k) for k, s in sizes.items())},
+            "weight_map": {k: name for name, shard in zip(names, shards) for k in shard},
+        })
+        names.append(SAFE_INDEX_NAME)
+    return names
+
+
+def _shape(tensors: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    return tensors.shape(key) if hasattr(tensors, "shape") else tuple(np.shape(tensors[key]))
+
+
+def _itemsize(tensors: Mapping[str, Any], key: str) -> int:
+    return tensors.itemsize(key) if hasattr(tensors, "itemsize") else np.asarray(tensors[key]).dtype.itemsize
+
+
+# --- whole models -----------------------------------------------------------------------------
+
+
+def _sharding_of(mesh, rules):
+    if mesh is None:
+        return None
+    from jax.sharding import NamedSharding
+
+    from altjax import sharding
+
+    rules = sharding.PARTITION_RULES if rules is None else rules
+
+    def of(path: str, shape: tuple[int, ...]):
+        return NamedSharding(mesh, sharding.partition_spec(path.replace(".", "/"), shape, mesh, rules))
+
+    return of
+
+
+def load_model(
     path: str | os.PathLike,
     *,
-    build: Callable[[dict[str, Any]], Any],
+    model_type: str | tuple[str, ...],
+    build: Callable[[dict[str, Any]], tuple[Any, Callable[[], Any]]],
     table: Callable[[Any], Any],
     seed: int = 0,
+    mesh=None,
+    rules=None,
+    progress: bool = False,
 ) -> Any:
-    """Loads an HF directory into a new NNX model without initialising random weights first.
+    """Loads an HF or altjax directory into a new NNX model without initialising random weights.
 
     ``build(config_dict)`` returns ``(config, make_model)`` where ``make_model()`` constructs the
     model; ``table(config)`` returns its conversion ``Table``. The model is built abstractly
-    (``nnx.eval_shape``), filled from the checkpoint, and its dropout RNG streams seeded with ``seed``.
+    (``nnx.eval_shape``) and filled one tensor at a time. With a ``mesh``, every parameter is
+    placed directly in its sharding (``altjax.sharding`` partition ``rules``), each device receiving
+    only its own shard. The dropout RNG streams are seeded with ``seed``.
     """
     from flax import nnx
 
     from altjax.conversion import engine
 
-    config, make_model = build(read_config(path))
+    path = os.fspath(path)
+    config_dict = read_config(path)
+    check_model_type(config_dict, model_type, path)
+    config, make_model = build(config_dict)
     model = nnx.eval_shape(make_model)
-    tensors = open_weights(path)
-    params = engine.torch_to_nnx(tensors, table(config), engine.model_shapes(model), source=getattr(tensors, "file", str(path)))
-    engine.load_params(model, params)
+    shardings = _sharding_of(mesh, rules)
+    if is_altjax_dir(path):
+        params = _restore_orbax(os.path.join(path, ALTJAX_PARAMS_DIR), engine.model_shapes(model), shardings)
+        engine.load_params(model, params, sharding=shardings, progress=progress)
+    else:
+        tensors = open_weights(path)
+        params = engine.torch_to_nnx(tensors, table(config), engine.model_shapes(model),
+                                     source=getattr(tensors, "file", path))
+        engine.load_params(model, params, sharding=shardings, progress=progress)
     nnx.reseed(model, default=seed, dropout=seed)
+    model.name_or_path = path
     return model
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _restore_orbax(directory: str, shapes: Mapping[str, tuple[int, ...]], shardings) -> dict[str, Any]:
+    import jax
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        metadata = checkpointer.metadata(directory)
+        stored = _flatten(dict(getattr(metadata, "item_metadata", metadata)))
+    except Exception as e:
+        raise CheckpointError(f"{directory}: not a readable orbax checkpoint ({e})") from None
+    stored_shapes = {k: tuple(v.shape) for k, v in stored.items()}
+    missing = sorted(set(shapes) - set(stored_shapes))
+    unexpected = sorted(set(stored_shapes) - set(shapes))
+    bad = [f"{k}: checkpoint has {stored_shapes[k]}, the model expects {shapes[k]}"
+           for k in shapes if k in stored_shapes and stored_shapes[k] != tuple(shapes[k])]
+    from altjax.conversion.engine import ConversionError, problems_message
+
+    message = problems_message([("missing parameters", missing), ("unexpected parameters", unexpected),
+                                ("shape mismatches", bad)])
+    if message:
+        raise ConversionError(f"{directory} does not match the model: {message}")
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    target = {k: jax.ShapeDtypeStruct(stored_shapes[k], stored[k].dtype,
+                                      sharding=shardings(k, stored_shapes[k]) if shardings else cpu)
+              for k in stored}
+    try:
+        restored = checkpointer.restore(directory, _nest(target))
+    except Exception as e:
+        raise CheckpointError(f"{directory}: cannot restore the orbax checkpoint ({e})") from None
+    return _flatten(restored)
+
+
+def save_model(
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    format: str = "altjax",
+    table: Callable[[Any], Any],
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    source: Optional[str] = None,
+    progress: bool = False,
+) -> str:
+    """Writes ``model`` (with ``model.config``) as an altjax or HF directory; returns its path.
+
+    ``format="altjax"``: ``config.json``, orbax ``params/`` and the processor files of ``source``
+    (default: the directory the model was loaded from). ``format="hf"``: ``config.json``,
+    safetensors with the key spellings transformers 5 writes (sharded above ``max_shard_size``) and
+    the processor files, loadable by transformers' ``from_pretrained``.
+    """
+    from altjax.conversion import engine
+
+    if format not in ("altjax", "hf"):
+        raise ValueError(f"format must be 'altjax' or 'hf', got {format!r}")
+    source = source if source is not None else getattr(model, "name_or_path", None)
+    variables = engine.model_variables(model)
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        _write_json(os.path.join(tmp, CONFIG_NAME), model.config.to_hf())
+        if format == "altjax":
+            _save_orbax(os.path.join(tmp, ALTJAX_PARAMS_DIR), {k: v.get_value() for k, v in variables.items()})
+        else:
+            tensors = engine.nnx_to_torch(engine.LazyVariables(variables), table(model.config), on_disk=True)
+            write_hf_weights(tmp, tensors, max_shard_size=max_shard_size, progress=progress)
+        copy_processor_files(source, tmp)
+    return os.path.abspath(os.fspath(path))
+
+
+def _save_orbax(directory: str, params: Mapping[str, Any]) -> None:
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(directory), _nest(params))
+    checkpointer.wait_until_finished()

@@ -218,7 +218,7 @@ def test_bf16_compute_is_close(tiny):
     for field in ("image_embeds", "text_embeds"):
         worst = float(np.min(cosine(getattr(out, field), getattr(tiny["ref"], field))))
         assert worst >= 0.999, f"{tiny['name']} bf16 {field}: lowest cosine to fp32 torch {worst:.6f} < 0.999"
-    params = engine.model_variables(model)
+    params = {k: v for k, v in engine.model_variables(model).items() if not k.endswith("num_batches_tracked")}
     assert all(v.get_value().dtype == jnp.float32 for v in params.values()), "bf16 model has non-fp32 parameters"
 
 
@@ -323,7 +323,7 @@ def test_bad_checkpoints_are_reported(tiny, tmp_path):
 
     del weights["text_model.encoder.layer.1.attention.self.value.bias"]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(engine.ConversionError, match=r"missing keys \(1\):\n    text_model\.encoder\.layer\.1\.attention\.self\.value\.bias"):
+    with pytest.raises(engine.ConversionError, match=r"missing keys \(1\): text_model\.encoder\.layer\.1\.attention\.self\.value\.bias"):
         AlignModel.from_pretrained(tmp_path)
 
     weights = dict(good)
@@ -407,7 +407,7 @@ def test_random_initialisation():
         ).to_dict()
     )
     params = engine.model_params(AlignModel(cfg, rngs=nnx.Rngs(3)))
-    assert all(v.dtype == np.float32 for v in params.values()), "parameters are not all float32"
+    assert all(v.dtype == np.float32 for k, v in params.items() if not k.endswith("num_batches_tracked")), "parameters are not all float32"
     assert params["temperature"].shape == () and params["temperature"] == 0.5, f"temperature {params['temperature']}"
     assert not np.any(params["text_projection.bias"]), "text_projection bias is not initialised to 0"
     # xavier_uniform on (8 -> 16), as transformers: U(-b, b) with b = sqrt(6 / (8 + 16)) = 0.5.

@@ -2,20 +2,20 @@
 import numpy as np
 import pytest
 
-from altjax.conversion.engine import COUNTER, ConversionError, Row, Table, nnx_to_torch, torch_to_nnx
+from altjax.conversion.engine import ConversionError, Row, Table, nnx_to_torch, torch_to_nnx
 
 TABLE = Table(
     rows=(
         Row("enc.layers.0.dense.weight", "enc.layers.0.dense.kernel", "linear"),
         Row("enc.layers.0.LayerNorm.weight", "enc.layers.0.norm.scale"),
         Row("stem.weight", "stem.kernel", "conv"),
-        Row("bn.num_batches_tracked", None, COUNTER),
+        Row("bn.num_batches_tracked", "bn.num_batches_tracked", "counter"),
     ),
     aliases=((r"enc\.layer\.(\d+)", r"enc.layers.\1"),),
     ignore=(r"position_ids$",),
     disk_renames=((r"layers\.", "layer."),),
 )
-SHAPES = {"enc.layers.0.dense.kernel": (3, 2), "enc.layers.0.norm.scale": (3,), "stem.kernel": (5, 5, 3, 4)}
+SHAPES = {"bn.num_batches_tracked": (), "enc.layers.0.dense.kernel": (3, 2), "enc.layers.0.norm.scale": (3,), "stem.kernel": (5, 5, 3, 4)}
 
 
 def _state(rng):
@@ -35,9 +35,9 @@ def test_layouts_and_round_trip_are_exact():
     back = nnx_to_torch(params, TABLE, on_disk=False)
     assert set(back) == set(state)
     for k in state:
-        if k != "bn.num_batches_tracked":
-            np.testing.assert_array_equal(back[k], state[k], err_msg=k)
-    assert back["bn.num_batches_tracked"].dtype == np.int64 and back["bn.num_batches_tracked"] == 0
+        assert back[k].dtype == state[k].dtype, f"{k}: dtype {back[k].dtype} != {state[k].dtype}"
+        np.testing.assert_array_equal(back[k], state[k], err_msg=k)
+    assert params["bn.num_batches_tracked"].dtype == np.int32, "the counter is int32 on the JAX side"
     assert "enc.layer.0.dense.weight" in nnx_to_torch(params, TABLE, on_disk=True)
 
 
@@ -59,6 +59,7 @@ def test_every_problem_is_named_at_once():
     msg = str(e.value)
     assert "missing keys (1)" in msg and "stem.weight" in msg, msg
     assert "unexpected keys (1)" in msg and "extra.weight" in msg, msg
+    assert "\n" not in msg, f"the error should be one line: {msg!r}"
 
 
 def test_shape_mismatch_names_key_and_both_shapes_in_torch_layout():
@@ -80,3 +81,35 @@ def test_scalars_keep_their_shape_both_ways():
     params = torch_to_nnx({"logit_scale": np.array(2.5, np.float32)}, table, {"logit_scale": ()})
     assert params["logit_scale"].shape == (), f"scalar came back with shape {params['logit_scale'].shape}"
     assert nnx_to_torch(params, table)["logit_scale"].shape == ()
+
+
+def test_a_missing_counter_starts_at_zero_like_transformers():
+    state = _state(np.random.default_rng(5))
+    del state["bn.num_batches_tracked"]
+    params = torch_to_nnx(state, TABLE, SHAPES)
+    assert params["bn.num_batches_tracked"] == 0 and params["bn.num_batches_tracked"].dtype == np.int32
+
+
+class _CountingReader(dict):
+    """A checkpoint reader that answers shapes from a header and counts tensor reads."""
+
+    reads = 0
+
+    def shape(self, key):
+        return np.shape(dict.__getitem__(self, key))
+
+    def __getitem__(self, key):
+        type(self).reads += 1
+        return dict.__getitem__(self, key)
+
+
+def test_conversion_checks_shapes_from_headers_and_reads_each_tensor_only_when_asked():
+    reader = _CountingReader(_state(np.random.default_rng(6)))
+    params = torch_to_nnx(reader, TABLE, SHAPES)
+    assert _CountingReader.reads == 0, f"{_CountingReader.reads} tensors read before any was asked for"
+    params["stem.kernel"]
+    assert _CountingReader.reads == 1, f"reading one parameter read {_CountingReader.reads} tensors"
+    bad = _CountingReader(_state(np.random.default_rng(6)))
+    dict.__setitem__(bad, "stem.weight", np.zeros((4, 3, 5, 4), np.float32))
+    with pytest.raises(ConversionError, match=r"stem\.weight: checkpoint has \(4, 3, 5, 4\), the model expects \(4, 3, 5, 5\)"):
+        torch_to_nnx(bad, TABLE, SHAPES)

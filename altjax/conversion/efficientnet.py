@@ -7,7 +7,7 @@ is dropped on import and written as 0 on export.
 """
 from __future__ import annotations
 
-from altjax.conversion.engine import COUNTER, Row, Table
+from altjax.conversion.engine import Row, Table
 from altjax.models.efficientnet import EfficientNetConfig, block_specs
 
 
@@ -22,7 +22,7 @@ def _batch_norm(name: str) -> list[Row]:
         Row(f"{name}.bias", f"{name}.bias"),
         Row(f"{name}.running_mean", f"{name}.mean"),
         Row(f"{name}.running_var", f"{name}.var"),
-        Row(f"{name}.num_batches_tracked", None, COUNTER),
+        Row(f"{name}.num_batches_tracked", f"{name}.num_batches_tracked", "counter"),
     ]
 
 

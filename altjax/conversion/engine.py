@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -21,21 +21,21 @@ LAYOUTS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarra
     "linear": (lambda a: a.T, lambda a: a.T),
     # Conv2d weight OIHW (depthwise: (C, 1, kh, kw)) <-> nnx.Conv kernel HWIO (depthwise: (kh, kw, 1, C)).
     "conv": (lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),
+    # BatchNorm's num_batches_tracked: int32 in JAX (its default integer width), int64 in PyTorch.
+    "counter": (lambda a: a.astype(np.int32), lambda a: a.astype(np.int64)),
 }
-# A PyTorch-only buffer (BatchNorm's num_batches_tracked): ignored on import, written as 0 on export.
-COUNTER = "counter"
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One PyTorch tensor: state-dict key, NNX path (None for a PyTorch-only counter), layout change."""
+    """One PyTorch tensor: state-dict key, NNX path, layout change."""
 
     torch: str
-    nnx: str | None
+    nnx: str
     layout: str = "copy"
 
     def __post_init__(self):
-        if self.layout not in LAYOUTS and self.layout != COUNTER:
+        if self.layout not in LAYOUTS:
             raise ValueError(f"row {self.torch!r}: unknown layout {self.layout!r}")
 
 
@@ -58,11 +58,10 @@ class Table:
     def __post_init__(self):
         seen_t, seen_n = set(), set()
         for r in self.rows:
-            if r.torch in seen_t or (r.nnx is not None and r.nnx in seen_n):
+            if r.torch in seen_t or r.nnx in seen_n:
                 raise ValueError(f"table lists {r.torch!r} / {r.nnx!r} twice")
             seen_t.add(r.torch)
-            if r.nnx is not None:
-                seen_n.add(r.nnx)
+            seen_n.add(r.nnx)
 
 
 # Spellings transformers' loader accepts for every model (its global legacy renames).
@@ -71,25 +70,28 @@ LEGACY_ALIASES = ((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta
 
 def prefixed(rows: Iterable[Row], torch_prefix: str, nnx_prefix: str) -> list[Row]:
     """The rows of a sub-module placed under a parent module's prefixes."""
-    return [
-        Row(torch_prefix + r.torch, None if r.nnx is None else nnx_prefix + r.nnx, r.layout) for r in rows
-    ]
+    return [Row(torch_prefix + r.torch, nnx_prefix + r.nnx, r.layout) for r in rows]
 
 
 class ConversionError(ValueError):
     """A checkpoint does not fit the model; the message lists every offending key."""
 
 
-def _listing(title: str, items: list[str], limit: int = 25) -> str:
-    shown = "\n".join(f"    {s}" for s in items[:limit])
-    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"  {title} ({len(items)}):\n{shown}{more}"
+def _listing(title: str, items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{title} ({len(items)}): {shown}{more}"
+
+
+def problems_message(problems: list[tuple[str, list[str]]]) -> str:
+    """One line naming every problem: ``missing keys (2): a, b; shape mismatches (1): ...``; empty if none."""
+    return "; ".join(_listing(title, items) for title, items in problems if items)
 
 
 def _raise_if(problems: list[tuple[str, list[str]]], what: str) -> None:
-    problems = [(t, items) for t, items in problems if items]
-    if problems:
-        raise ConversionError(f"{what}:\n" + "\n".join(_listing(t, items) for t, items in problems))
+    message = problems_message(problems)
+    if message:
+        raise ConversionError(f"{what}: {message}")
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:
@@ -103,18 +105,64 @@ def _rewrite(key: str, rules: Iterable[tuple[str, str]]) -> str:
     return key
 
 
+def _shape(tensors: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    # Lazy checkpoint readers answer shapes from the file header, without reading the tensor.
+    return tuple(tensors.shape(key)) if hasattr(tensors, "shape") else tuple(np.shape(tensors[key]))
+
+
+class _Converted(Mapping[str, np.ndarray]):
+    """Target key -> array, each converted from its source tensor when looked up (never cached), so a
+    caller that consumes and drops one tensor at a time holds one tensor, not a second model copy."""
+
+    def __init__(self, source: Mapping[str, Any], plan: dict[str, tuple[str | None, Callable, tuple[int, ...]]]):
+        self._source, self._plan = source, plan
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        source_key, convert, _ = self._plan[key]
+        return convert(np.zeros((), np.int64) if source_key is None else self._source[source_key])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._plan[key][2]
+
+    def itemsize(self, key: str) -> int:
+        source_key, convert, _ = self._plan[key]
+        if convert.layout == "counter":
+            return 8
+        if hasattr(self._source, "dtype"):
+            return np.dtype(self._source.dtype(source_key)).itemsize
+        return np.asarray(self._source[source_key]).dtype.itemsize
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._plan)
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+
+def _converter(layout: str, direction: int) -> Callable[[Any], np.ndarray]:
+    change = LAYOUTS[layout][direction]
+
+    def convert(a):
+        return _contiguous(change(np.asarray(a)))
+
+    convert.layout = layout
+    return convert
+
+
 def torch_to_nnx(
     tensors: Mapping[str, Any],
     table: Table,
     expected_shapes: Mapping[str, tuple[int, ...]],
     *,
     source: str = "checkpoint",
-) -> dict[str, np.ndarray]:
+) -> Mapping[str, np.ndarray]:
     """Converts a PyTorch state dict (any mapping of key -> array, read lazily one key at a time).
 
-    ``expected_shapes`` maps each NNX path to its shape in the target model. Returns NNX path ->
-    NumPy array in the checkpoint's dtype. Raises ``ConversionError`` naming every missing,
-    unexpected or wrongly shaped key (shapes given in the PyTorch layout, source vs expected).
+    ``expected_shapes`` maps each NNX path to its shape in the target model. Every key and shape is
+    checked first (shapes from file headers where the reader offers them); then a mapping NNX path
+    -> NumPy array (the checkpoint's dtype) is returned that reads and converts each tensor when it
+    is looked up. Raises ``ConversionError`` naming every missing, unexpected or wrongly shaped key
+    (shapes given in the PyTorch layout, source vs expected).
     """
     canonical: dict[str, str] = {}
     duplicates = []
@@ -126,48 +174,49 @@ def torch_to_nnx(
             duplicates.append(f"{canonical[name]} and {key} (both mean {name})")
         canonical[name] = key
     rows = {r.torch: r for r in table.rows}
-    missing = [r.torch for r in table.rows if r.torch not in canonical and r.layout != COUNTER]
+    # transformers starts a missing num_batches_tracked at 0 without complaint; so do we.
+    absent_counters = [r for r in table.rows if r.torch not in canonical and r.layout == "counter"]
+    missing = [r.torch for r in table.rows if r.torch not in canonical and r.layout != "counter"]
     unexpected = [canonical[k] for k in canonical if k not in rows]
     _raise_if(
         [("missing keys", missing), ("unexpected keys", unexpected), ("keys given twice", duplicates)],
         f"{source} does not match the model",
     )
-    out: dict[str, np.ndarray] = {}
+    plan: dict[str, tuple[str | None, Callable, tuple[int, ...]]] = {
+        r.nnx: (None, _converter(r.layout, 0), ()) for r in absent_counters}
     mismatched = []
     for name, key in canonical.items():
         row = rows[name]
-        if row.layout == COUNTER:
-            continue
-        forward, backward = LAYOUTS[row.layout]
-        value = np.asarray(tensors[key])
+        backward = LAYOUTS[row.layout][1]
+        have = _shape(tensors, key)
         want = tuple(expected_shapes[row.nnx])
-        if value.ndim != len(want) or tuple(forward(value).shape) != want:
-            want_torch = tuple(backward(np.empty(want, dtype=np.uint8)).shape) if len(want) == value.ndim else want
-            mismatched.append(f"{key}: {source} has {tuple(value.shape)}, the model expects {want_torch}")
+        want_torch = tuple(backward(np.empty(want, dtype=np.uint8)).shape) if len(want) == len(have) else want
+        if have != want_torch:
+            mismatched.append(f"{key}: {source} has {have}, the model expects {want_torch}")
             continue
-        out[row.nnx] = _contiguous(forward(value))
+        plan[row.nnx] = (key, _converter(row.layout, 0), want)
     _raise_if([("shape mismatches", mismatched)], f"{source} does not match the model")
-    return out
+    return _Converted(tensors, plan)
 
 
-def nnx_to_torch(params: Mapping[str, Any], table: Table, *, on_disk: bool = True) -> dict[str, np.ndarray]:
+def nnx_to_torch(params: Mapping[str, Any], table: Table, *, on_disk: bool = True) -> Mapping[str, np.ndarray]:
     """Converts NNX parameters (dotted path -> array) to a PyTorch state dict of NumPy arrays.
 
     With ``on_disk`` the keys take the spelling transformers writes to disk (``table.disk_renames``);
-    otherwise the in-memory ``state_dict()`` spelling.
+    otherwise the in-memory ``state_dict()`` spelling. The result converts each tensor when it is
+    looked up (keys in table order), so writing it shard by shard holds one shard in memory.
     """
-    needed = {r.nnx for r in table.rows if r.nnx is not None}
+    needed = {r.nnx for r in table.rows}
     missing = sorted(needed - set(params))
     unexpected = sorted(set(params) - needed)
     _raise_if([("missing parameters", missing), ("unexpected parameters", unexpected)], "model does not match the table")
-    out: dict[str, np.ndarray] = {}
+    plan: dict[str, tuple[str, Callable, tuple[int, ...]]] = {}
     for row in table.rows:
         key = _rewrite(row.torch, table.disk_renames) if on_disk else row.torch
-        if row.layout == COUNTER:
-            out[key] = np.zeros((), dtype=np.int64)
-            continue
-        out[key] = _contiguous(LAYOUTS[row.layout][1](np.asarray(params[row.nnx])))
-    return out
+        backward = LAYOUTS[row.layout][1]
+        shape = tuple(backward(np.empty(_shape(params, row.nnx), dtype=np.uint8)).shape)
+        plan[key] = (row.nnx, _converter(row.layout, 1), shape)
+    return _Converted(params, plan)
 
 
 # --- NNX models as flat dicts -------------------------------------------------------------------
@@ -187,6 +236,28 @@ def model_variables(model: Any) -> dict[str, Any]:
     return {".".join(str(p) for p in path): var for path, var in flat if _is_weight(var)}
 
 
+class LazyVariables(Mapping[str, np.ndarray]):
+    """Dotted path -> NumPy array of ``model_variables``, fetched from the device when looked up."""
+
+    def __init__(self, variables: Mapping[str, Any]):
+        self._variables = variables
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return np.asarray(self._variables[key].get_value())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._variables[key].get_value().shape)
+
+    def dtype(self, key: str):
+        return self._variables[key].get_value().dtype
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._variables)
+
+    def __len__(self) -> int:
+        return len(self._variables)
+
+
 def model_params(model: Any) -> dict[str, np.ndarray]:
     """Dotted path -> NumPy array for every parameter and BatchNorm statistic of ``model``."""
     return {k: np.asarray(v.get_value()) for k, v in model_variables(model).items()}
@@ -196,24 +267,42 @@ def model_shapes(model: Any) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.get_value().shape) for k, v in model_variables(model).items()}
 
 
-def load_params(model: Any, params: Mapping[str, Any]) -> None:
+def load_params(model: Any, params: Mapping[str, Any], *, sharding: Callable | None = None,
+                progress: bool = False) -> None:
     """Writes ``params`` (dotted path -> array) into ``model`` in place, cast to each variable's dtype.
 
-    Every parameter of the model must be given, and nothing else; shapes must match.
+    Every parameter of the model must be given, and nothing else; shapes must match. ``params`` is
+    read one entry at a time, so a lazy mapping (``torch_to_nnx``) keeps one tensor on the host at
+    once. ``sharding(path, shape)``, if given, returns the ``jax.sharding.Sharding`` to place each
+    parameter in; each device then receives only its own slice.
     """
+    import jax
     import jax.numpy as jnp
+
+    from altjax.progress import Progress
 
     variables = model_variables(model)
     missing = sorted(set(variables) - set(params))
     unexpected = sorted(set(params) - set(variables))
     bad = [
-        f"{k}: given {tuple(np.shape(params[k]))}, the model has {tuple(variables[k].get_value().shape)}"
+        f"{k}: given {_shape(params, k)}, the model has {tuple(variables[k].get_value().shape)}"
         for k in variables
-        if k in params and tuple(np.shape(params[k])) != tuple(variables[k].get_value().shape)
+        if k in params and _shape(params, k) != tuple(variables[k].get_value().shape)
     ]
     _raise_if(
         [("missing parameters", missing), ("unexpected parameters", unexpected), ("shape mismatches", bad)],
         "parameters do not match the model",
     )
-    for k, var in variables.items():
-        var.set_value(jnp.asarray(params[k], dtype=var.get_value().dtype))
+    with Progress(len(variables), "loading parameters", unit="tensors", enabled=progress) as bar:
+        for k, var in variables.items():
+            dtype = var.get_value().dtype
+            value = params[k]
+            if sharding is None:
+                var.set_value(jnp.asarray(value, dtype=dtype))
+            elif isinstance(value, jax.Array) and value.sharding == sharding(k, value.shape):
+                var.set_value(value.astype(dtype))
+            else:
+                host = np.asarray(value).astype(dtype, copy=False)
+                var.set_value(jax.make_array_from_callback(host.shape, sharding(k, host.shape), lambda idx: host[idx]))
+            del value
+            bar.update()

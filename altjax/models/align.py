@@ -131,6 +131,8 @@ class AlignModel(nnx.Module):
             )
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self.config = config
+        # The directory from_pretrained read, whose processor files save_pretrained copies along.
+        self.name_or_path: Optional[str] = None
         self.text_model = Bert(config.text_config, dtype=dtype, rngs=rngs)
         self.vision_model = EfficientNet(config.vision_config, dtype=dtype, rngs=rngs)
         # transformers initialises this projection with xavier_uniform and a zero bias.
@@ -226,18 +228,39 @@ class AlignModel(nnx.Module):
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, seed: int = 0) -> "AlignModel":
-        """Loads an HF ALIGN directory (``config.json`` + ``model.safetensors``); torch is not needed.
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, seed: int = 0, mesh=None,
+                        rules=None, progress: bool = False) -> "AlignModel":
+        """Loads an ALIGN directory: HF (``config.json`` + safetensors, sharded safetensors or
+        ``pytorch_model.bin``) or altjax (``save_pretrained``). torch is needed only for ``.bin``.
 
-        ``seed`` seeds the dropout streams. Raises ``CheckpointError`` when the directory is not an
-        ALIGN model and ``ConversionError`` naming every missing, unexpected or misshapen tensor.
+        ``dtype`` is the compute dtype (parameters stay float32); ``seed`` seeds the dropout streams.
+        With a ``mesh`` each parameter is placed directly in its ``altjax.sharding`` layout (``rules``
+        default to ``sharding.PARTITION_RULES``), with no full replica on any device.
+        Raises ``CheckpointError`` when the directory is not an ALIGN model and ``ConversionError``
+        naming every missing, unexpected or misshapen tensor.
         """
         from altjax import checkpoint
         from altjax.conversion.align import align_table
 
         def build(d: dict[str, Any]):
-            checkpoint.check_model_type(d, MODEL_TYPE, str(path))
             config = AlignConfig.from_hf(d)
             return config, lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(seed))
 
-        return checkpoint.load_hf_model(path, build=build, table=align_table, seed=seed)
+        return checkpoint.load_model(path, model_type=MODEL_TYPE, build=build, table=align_table, seed=seed,
+                                     mesh=mesh, rules=rules, progress=progress)
+
+    def save_pretrained(self, path: str | os.PathLike, *, format: str = "altjax", max_shard_size="50GB",
+                        overwrite: bool = False, progress: bool = False) -> str:
+        """Writes the model to a new directory, atomically, and returns its path.
+
+        ``format="altjax"``: ``config.json``, orbax parameters under ``params/`` and the processor
+        files of the directory the model was loaded from. ``format="hf"``: a directory that
+        transformers' ``AlignModel.from_pretrained`` loads with no missing or unexpected keys
+        (safetensors, split into shards above ``max_shard_size``). An existing ``path`` is an error
+        unless ``overwrite``.
+        """
+        from altjax import checkpoint
+        from altjax.conversion.align import align_table
+
+        return checkpoint.save_model(self, path, format=format, table=align_table, max_shard_size=max_shard_size,
+                                     overwrite=overwrite, progress=progress)

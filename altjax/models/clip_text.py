@@ -213,17 +213,14 @@ class CLIPTextTeacher(nnx.Module):
         from altjax.conversion.clip import clip_teacher_table
 
         def build(d: dict[str, Any]):
-            if d.get("model_type") == CLIP_MODEL_TYPE:
+            if d["model_type"] == CLIP_MODEL_TYPE:
                 text = dict(d.get("text_config") or {})
                 # CLIPModel's projection width is the top-level key; the text config's is unused there.
                 text["projection_dim"] = d.get("projection_dim", CLIPTextConfig.projection_dim)
                 config = CLIPTextConfig.from_hf(text)
-            elif d.get("model_type") == MODEL_TYPE:
-                config = CLIPTextConfig.from_hf(d)
             else:
-                raise checkpoint.CheckpointError(
-                    f"{path}: model_type is {d.get('model_type')!r}, expected {CLIP_MODEL_TYPE!r} or {MODEL_TYPE!r}"
-                )
+                config = CLIPTextConfig.from_hf(d)
             return config, lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(seed))
 
-        return checkpoint.load_hf_model(path, build=build, table=clip_teacher_table, seed=seed)
+        return checkpoint.load_model(path, model_type=(CLIP_MODEL_TYPE, MODEL_TYPE), build=build,
+                                     table=clip_teacher_table, seed=seed)

@@ -231,7 +231,9 @@ def _check_buildable(config: EfficientNetConfig, specs: Sequence[BlockSpec]) -> 
 class BatchNorm(nnx.Module):
     """BatchNorm over the last (channel) axis with PyTorch's ``BatchNorm2d`` semantics.
 
-    Parameters ``scale`` and ``bias``, statistics ``mean`` and ``var``. ``momentum`` is in PyTorch's
+    Parameters ``scale`` and ``bias``, statistics ``mean``, ``var`` and ``num_batches_tracked`` (PyTorch's
+    counter: unused by the normalisation since the momentum is set, but kept so that a checkpoint
+    goes through altjax and back unchanged, and incremented by each training call as PyTorch does). ``momentum`` is in PyTorch's
     convention, ``running = (1 - momentum) * running + momentum * batch`` (Flax's is the complement).
     With ``use_running_average`` (eval mode, the default) it normalises with the running statistics.
     Otherwise it normalises with the batch mean and *biased* variance and updates the running
@@ -261,6 +263,8 @@ class BatchNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        # int32: JAX's default integer width (PyTorch's int64 is restored on export).
+        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
@@ -297,6 +301,7 @@ class BatchNorm(nnx.Module):
         group_var = jax.lax.stop_gradient((var.reshape(-1, self.num_features) * (n / (n - 1))).mean(axis=0))
         self.mean[...] = (1 - m) * self.mean[...] + m * group_mean
         self.var[...] = (1 - m) * self.var[...] + m * group_var
+        self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
         return y.astype(self.dtype)
 
 
