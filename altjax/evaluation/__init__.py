@@ -1,7 +1,25 @@
-"""Evaluation: image-text retrieval recall, zero-shot classification, prompt templates.
+"""Evaluation: image-text retrieval recall, zero-shot classification, prompt templates, sharded
+embedding of whole evaluation sets, and the datasets they come from.
 
 Metrics are percentages; the output keys are those of ``eval_results.json`` (DESIGN.md section 3).
+The command lines ``altjax-eval`` and ``altjax-embed`` live in ``altjax.evaluation.cli``.
 """
+from altjax.evaluation.datasets import (
+    TFDS_DATASETS,
+    ClassificationSet,
+    DatasetError,
+    RetrievalSet,
+    image_folder_classification,
+    image_folder_retrieval,
+    load_dataset,
+)
+from altjax.evaluation.embed import (
+    Embedder,
+    build_classifier,
+    evaluate_retrieval,
+    evaluate_zeroshot,
+    evaluation_key,
+)
 from altjax.evaluation.metrics import (
     RECALL_KS,
     ranks_against,
@@ -22,6 +40,18 @@ from altjax.evaluation.templates import (
 from altjax.evaluation.zeroshot import zeroshot_classifier
 
 __all__ = [
+    "TFDS_DATASETS",
+    "ClassificationSet",
+    "DatasetError",
+    "RetrievalSet",
+    "image_folder_classification",
+    "image_folder_retrieval",
+    "load_dataset",
+    "Embedder",
+    "build_classifier",
+    "evaluate_retrieval",
+    "evaluate_zeroshot",
+    "evaluation_key",
     "RECALL_KS",
     "ranks_against",
     "retrieval_metrics",

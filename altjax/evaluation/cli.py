@@ -1,0 +1,384 @@
+"""Command lines: ``altjax-eval`` (zero-shot / retrieval metrics) and ``altjax-embed`` (embed and search).
+
+``altjax-eval --checkpoint DIR --task zeroshot|retrieval --dataset NAME`` prints a table and, with
+``--output FILE.json``, merges ``{"<task>/<dataset>/<lang>": metrics}`` into that file (the format of
+a training workdir's ``eval_results.json``).
+
+``altjax-embed --checkpoint DIR [--images FOLDER] [--texts FILE] --out OUTDIR`` writes
+``image_embeds.npy`` / ``text_embeds.npy`` (L2-normalised float32, one row per image / text line)
+and ``index.json`` (the rows' image paths and texts, the model, the dimension). ``altjax-embed
+--index OUTDIR --query TEXT`` (or ``--query-image PATH``) prints the best matches among both.
+
+Expected failures (a missing or wrong checkpoint, an unknown or unprepared dataset, an existing
+output) print one ``<prog>: error: ...`` line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+INDEX_FILE = "index.json"
+IMAGE_EMBEDS_FILE = "image_embeds.npy"
+TEXT_EMBEDS_FILE = "text_embeds.npy"
+INDEX_FORMAT = "altjax-embed/1"
+MODEL_TYPES = {"align": ("AlignModel", "AlignProcessor"), "altclip": ("AltCLIPModel", "AltCLIPProcessor")}
+DTYPES = ("float32", "bfloat16")
+
+
+class CommandError(Exception):
+    """An expected failure, reported as one line and exit status 2."""
+
+
+def checkpoint_model_type(path: str) -> str:
+    """The ``model_type`` of a model directory's config.json, checked to be ALIGN or AltCLIP."""
+    from altjax.checkpoint import read_config
+
+    model_type = read_config(path).get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise CommandError(f"{path}: model_type {model_type!r} in config.json is not one of {sorted(MODEL_TYPES)}")
+    return model_type
+
+
+def load_checkpoint(path: str, *, dtype: str = "float32"):
+    """``(model, processor, model_type)`` of an ALIGN or AltCLIP model directory, the classes
+    chosen by config.json's ``model_type``; the processor's files come from the same directory."""
+    import jax.numpy as jnp
+
+    import altjax
+
+    model_type = checkpoint_model_type(path)
+    model_class, processor_class = (getattr(altjax, name) for name in MODEL_TYPES[model_type])
+    model = model_class.from_pretrained(path, dtype=jnp.dtype(dtype))
+    try:
+        processor = processor_class.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise CommandError(f"{path}: cannot load the {processor_class} (tokenizer and image settings): "
+                           f"{_one_line(e)}") from None
+    return model, processor, model_type
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _run(parser: argparse.ArgumentParser, command, args) -> int:
+    # Only the anticipated failures become one-line errors; anything else is a bug and keeps its
+    # traceback.
+    try:
+        return command(args)
+    except (CommandError, OSError, ValueError) as e:
+        # ValueError covers CheckpointError, DatasetError, ConversionError (weights that do not
+        # fit), template files without {}, images that preprocess to different shapes: messages
+        # written for the user.
+        parser.exit(2, f"{parser.prog}: error: {_one_line(e)}\n")
+
+
+def _is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+# --- altjax-eval ---------------------------------------------------------------------------------
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """One aligned row per evaluation, one column per metric (percentages, 2 decimals)."""
+    metrics = list(dict.fromkeys(k for values in results.values() for k in values))
+    header = ["evaluation", *metrics]
+    rows = [[name, *(f"{values[m]:.2f}" if m in values else "-" for m in metrics)]
+            for name, values in results.items()]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row):
+        return "  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])])
+
+    return "\n".join(line(row) for row in [header, *rows])
+
+
+def write_results(path: str, results: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Merges ``results`` into the JSON object in ``path`` (created if absent); atomic replace."""
+    merged: dict[str, Any] = {}
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                merged = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CommandError(f"{path}: exists and is not valid JSON ({e}); not overwriting it") from None
+        if not isinstance(merged, dict):
+            raise CommandError(f"{path}: exists and is not a JSON object of evaluations; not overwriting it")
+    merged.update(results)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(merged, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return merged
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    from altjax.evaluation.embed import DEFAULT_BATCH_SIZE
+
+    parser = argparse.ArgumentParser(
+        prog="altjax-eval",
+        description="Zero-shot classification or image-text retrieval metrics of an ALIGN / AltCLIP checkpoint.",
+    )
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory (HF or altjax)")
+    parser.add_argument("--task", required=True, choices=("zeroshot", "retrieval"))
+    parser.add_argument("--dataset", required=True, metavar="NAME",
+                        help="an image folder, 'scenes', or a prepared tfds dataset (coco_captions, cifar10, ...)")
+    parser.add_argument("--split", help="dataset split (default: its test split)")
+    parser.add_argument("--lang", default="en", help="language of captions, class names and templates (en, zh)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="global batch size")
+    parser.add_argument("--text-length", type=int, help="tokens per text (default: the processor's, else 77)")
+    parser.add_argument("--templates", metavar="NAME|FILE",
+                        help="zero-shot prompt templates: a built-in set (openai_imagenet, "
+                             "openai_imagenet_selected, en, zh) or a file, one template with {} per line")
+    parser.add_argument("--classnames", metavar="FILE", help="zero-shot class names, one per line")
+    parser.add_argument("--data-dir", help="where the scenes set or tfds datasets are stored")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
+    parser.add_argument("--output", metavar="FILE.json", help="merge the metrics into this JSON file")
+    return parser
+
+
+def _eval(args) -> int:
+    from altjax.evaluation.datasets import load_dataset, read_class_names
+    from altjax.evaluation.embed import evaluate_retrieval, evaluate_zeroshot, evaluation_key
+    from altjax.evaluation.templates import get_templates
+
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.task == "retrieval" and (args.templates or args.classnames):
+        raise CommandError("--templates and --classnames apply to --task zeroshot only")
+    checkpoint_model_type(args.checkpoint)
+    templates = get_templates(args.templates) if args.templates else None
+    class_names = read_class_names(args.classnames) if args.classnames else None
+    dataset = load_dataset(args.dataset, args.task, split=args.split, lang=args.lang, data_dir=args.data_dir,
+                           class_names=class_names)
+    model, processor, _ = load_checkpoint(args.checkpoint, dtype=args.dtype)
+    options = dict(batch_size=args.batch_size, text_length=args.text_length, progress=True)
+    if args.task == "zeroshot":
+        metrics = evaluate_zeroshot(model, processor, dataset, templates=templates, **options)
+    else:
+        metrics = evaluate_retrieval(model, processor, dataset, **options)
+    results = {evaluation_key(args.task, dataset.name, dataset.lang): metrics}
+    if _is_main_process():
+        print(format_table(results))
+        if args.output:
+            write_results(args.output, results)
+    return 0
+
+
+def eval_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``altjax-eval``: evaluates a checkpoint on one dataset; returns the exit status."""
+    parser = _eval_parser()
+    return _run(parser, _eval, parser.parse_args(argv))
+
+
+# --- altjax-embed --------------------------------------------------------------------------------
+
+
+def read_texts(path: str) -> list[str]:
+    """The non-empty lines of a UTF-8 text file, without their line endings."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            texts = [line for line in f.read().splitlines() if line.strip()]
+    except OSError as e:
+        raise CommandError(f"cannot read texts from {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise CommandError(f"{path}: not UTF-8 text ({e})") from None
+    if not texts:
+        raise CommandError(f"{path}: no texts (no non-empty lines)")
+    return texts
+
+
+def _check_output(out: str, overwrite: bool) -> None:
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
+        raise CommandError(f"{out} exists; pass --overwrite to replace it")
+    # --overwrite replaces an earlier index (or an empty directory), never an arbitrary directory.
+    if not os.path.isdir(out) or os.path.islink(out) or (os.listdir(out) and not os.path.isfile(os.path.join(out, INDEX_FILE))):
+        raise CommandError(f"{out} exists and is not an altjax-embed index; not replacing it")
+
+
+def write_index(out: str, index: dict[str, Any], arrays: dict[str, np.ndarray], *, overwrite: bool = False) -> None:
+    """Writes ``index.json`` and the ``.npy`` arrays into ``out`` atomically: into a temporary
+    sibling directory first, renamed into place when complete (replacing an old index when
+    ``overwrite``)."""
+    _check_output(out, overwrite)
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
+    old = None
+    try:
+        for name, array in arrays.items():
+            np.save(os.path.join(tmp, name), array)
+        with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        if os.path.lexists(out):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".old", dir=parent)
+            os.rename(out, os.path.join(old, "index"))
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not os.path.lexists(out):
+            os.rename(os.path.join(old, "index"), out)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def read_index(directory: str) -> dict[str, Any]:
+    """The ``index.json`` of an altjax-embed output directory."""
+    path = os.path.join(directory, INDEX_FILE)
+    if not os.path.isfile(path):
+        raise CommandError(f"{directory}: not an altjax-embed index (no {INDEX_FILE})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CommandError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        raise CommandError(f"{path}: not an {INDEX_FORMAT} index")
+    return index
+
+
+def top_k(embeds: np.ndarray, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The ``k`` rows of ``embeds`` with the highest dot product with ``query``, best first
+    (ties in row order), as ``(row, score)``."""
+    scores = embeds.astype(np.float64) @ query.astype(np.float64)
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [(int(i), float(scores[i])) for i in order]
+
+
+def _embed_parser() -> argparse.ArgumentParser:
+    from altjax.evaluation.embed import DEFAULT_BATCH_SIZE
+
+    parser = argparse.ArgumentParser(
+        prog="altjax-embed",
+        description="Embed a folder of images and/or a file of texts (one per line) with an ALIGN / AltCLIP "
+                    "checkpoint, or search such an index with a text or an image.",
+        epilog="build: altjax-embed --checkpoint DIR --images FOLDER --texts FILE --out OUTDIR\n"
+               "search: altjax-embed --index OUTDIR --query 'a photo of a cat' [--top-k 5]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", metavar="DIR", help="model directory (with --index: default, the index's model)")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--out", metavar="OUTDIR", help="write a new index here")
+    mode.add_argument("--index", metavar="OUTDIR", help="search this index")
+    parser.add_argument("--images", metavar="FOLDER", help="images to embed (searched recursively)")
+    parser.add_argument("--texts", metavar="FILE", help="texts to embed, one per line (blank lines skipped)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    query = parser.add_mutually_exclusive_group()
+    query.add_argument("--query", metavar="TEXT", help="text to search the index with")
+    query.add_argument("--query-image", metavar="PATH", help="image to search the index with")
+    parser.add_argument("--top-k", type=int, default=5, help="matches to print per modality (default 5)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="global batch size")
+    parser.add_argument("--text-length", type=int, help="tokens per text (default: the processor's, else 77)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
+    return parser
+
+
+def _build_index(args) -> int:
+    from altjax.evaluation.datasets import list_images
+    from altjax.evaluation.embed import Embedder
+
+    if not (args.images or args.texts):
+        raise CommandError("nothing to embed: pass --images FOLDER and/or --texts FILE")
+    if args.checkpoint is None:
+        raise CommandError("--out needs --checkpoint")
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be positive, got {args.batch_size}")
+    _check_output(args.out, args.overwrite)
+    images = texts = None
+    if args.images:
+        if not os.path.isdir(args.images):
+            raise CommandError(f"{args.images}: not a directory")
+        images = list_images(args.images)
+        if not images:
+            raise CommandError(f"{args.images}: no image files")
+    if args.texts:
+        texts = read_texts(args.texts)
+    model, processor, model_type = load_checkpoint(args.checkpoint, dtype=args.dtype)
+    embedder = Embedder(model, processor, batch_size=args.batch_size, text_length=args.text_length, progress=True)
+    arrays = {}
+    index: dict[str, Any] = {"format": INDEX_FORMAT, "checkpoint": os.path.abspath(args.checkpoint),
+                             "model_type": model_type, "text_length": embedder.text_length}
+    if images is not None:
+        arrays[IMAGE_EMBEDS_FILE] = embedder.embed_images([os.path.join(args.images, p) for p in images])
+        index["images_root"] = os.path.abspath(args.images)
+        index["images"] = images
+    if texts is not None:
+        arrays[TEXT_EMBEDS_FILE] = embedder.embed_texts(texts)
+        index["texts_file"] = os.path.abspath(args.texts)
+        index["texts"] = texts
+    index["dim"] = next(iter(arrays.values())).shape[1]
+    if _is_main_process():
+        write_index(args.out, index, arrays, overwrite=args.overwrite)
+        counts = ", ".join(f"{len(index[k])} {k}" for k in ("images", "texts") if k in index)
+        print(f"wrote {counts} ({index['dim']}-d embeddings) to {args.out}")
+    return 0
+
+
+def _search(args) -> int:
+    from altjax.evaluation.embed import Embedder
+
+    if args.images or args.texts or args.overwrite:
+        raise CommandError("--images, --texts and --overwrite build an index (--out), not search one")
+    if not (args.query or args.query_image):
+        raise CommandError("--index needs --query TEXT or --query-image PATH")
+    if args.top_k < 1:
+        raise CommandError(f"--top-k must be positive, got {args.top_k}")
+    index = read_index(args.index)
+    if args.query_image is not None and not os.path.isfile(args.query_image):
+        raise CommandError(f"{args.query_image}: no such image file")
+    checkpoint = args.checkpoint or index["checkpoint"]
+    model, processor, _ = load_checkpoint(checkpoint, dtype=args.dtype)
+    text_length = args.text_length or index.get("text_length")
+    embedder = Embedder(model, processor, batch_size=1, text_length=text_length)
+    if args.query is not None:
+        query, label = embedder.embed_texts([args.query])[0], json.dumps(args.query, ensure_ascii=False)
+    else:
+        query, label = embedder.embed_images([args.query_image])[0], args.query_image
+    if query.shape[0] != index["dim"]:
+        raise CommandError(f"{checkpoint} gives {query.shape[0]}-d embeddings, the index holds {index['dim']}-d ones "
+                           "(built with another model)")
+    if not _is_main_process():
+        return 0
+    sections = []
+    for kind, file in (("images", IMAGE_EMBEDS_FILE), ("texts", TEXT_EMBEDS_FILE)):
+        if kind not in index:
+            continue
+        embeds = np.load(os.path.join(args.index, file))
+        lines = [f"top {min(args.top_k, len(embeds))} {kind} of {len(embeds)} for {label}:"]
+        lines += [f"  {rank:>3}  {score:7.4f}  {index[kind][row]}"
+                  for rank, (row, score) in enumerate(top_k(embeds, query, args.top_k), start=1)]
+        sections.append("\n".join(lines))
+    print("\n\n".join(sections))
+    return 0
+
+
+def embed_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``altjax-embed``: builds an embedding index, or searches one; returns the exit status."""
+    parser = _embed_parser()
+    args = parser.parse_args(argv)
+    return _run(parser, _build_index if args.out else _search, args)
+
