@@ -386,8 +386,11 @@ def load_model(
     path = os.fspath(path)
     config_dict = read_config(path)
     check_model_type(config_dict, model_type, path)
-    config, make_model = build(config_dict)
-    model = nnx.eval_shape(make_model)
+    try:
+        config, make_model = build(config_dict)
+        model = nnx.eval_shape(make_model)
+    except (ValueError, TypeError, KeyError) as e:  # a config the model cannot be built from
+        raise CheckpointError(f"{os.path.join(path, CONFIG_NAME)}: {e}") from None
     shardings = _sharding_of(mesh, rules)
     if is_altjax_dir(path):
         params = _restore_orbax(os.path.join(path, ALTJAX_PARAMS_DIR), engine.model_shapes(model), shardings)

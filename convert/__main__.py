@@ -1,0 +1,5 @@
+import sys
+
+from altjax_convert.cli import main
+
+sys.exit(main())

@@ -1,0 +1,123 @@
+"""altjax-convert to-altjax|to-hf SRC OUT [--check]: convert a checkpoint directory, optionally
+proving with one batch through both frameworks that nothing changed on the way.
+
+Exit status: 0 on success, 1 when ``--check`` finds a difference above the tolerance (nothing is
+written then), 2 on bad input (one line on stderr, no traceback, nothing written).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Optional, Sequence
+
+PROG = "altjax-convert"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Convert ALIGN and AltCLIP checkpoints between Hugging Face (PyTorch) and altjax (orbax).",
+    )
+    sub = parser.add_subparsers(dest="direction", required=True, metavar="{to-altjax,to-hf}")
+    for name, help_, src, out in [
+        ("to-altjax", "HF directory -> altjax directory", "HF model directory (config.json + weights)", "new altjax directory"),
+        ("to-hf", "altjax directory -> HF directory", "altjax (or HF) model directory", "new HF directory"),
+    ]:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("src", metavar="SRC", help=src)
+        p.add_argument("out", metavar="OUT", help=out + " (must not exist unless --overwrite)")
+        p.add_argument("--check", action="store_true",
+                       help="run transformers and altjax on one batch and compare (needs torch + transformers)")
+        p.add_argument("--images", nargs="+", default=(), metavar="PATH", help="images for --check")
+        p.add_argument("--texts", nargs="+", default=(), metavar="TEXT", help="captions for --check")
+        p.add_argument("--tolerance", type=float, default=None,
+                       help="largest relative difference --check accepts (default 1e-4)")
+        p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+        p.add_argument("--quiet", action="store_true", help="no progress output")
+        if name == "to-hf":
+            p.add_argument("--max-shard-size", default="50GB",
+                           help="split the safetensors into files of at most this size (default 50GB, as transformers 5)")
+    return parser
+
+
+def _model_class(src: str):
+    from altjax import checkpoint
+    from altjax.models.align import AlignModel
+    from altjax.models.altclip import AltCLIPModel
+
+    classes = {"align": AlignModel, "altclip": AltCLIPModel}
+    model_type = checkpoint.read_config(src).get("model_type")
+    if model_type not in classes:
+        raise checkpoint.CheckpointError(
+            f"{src}: model_type is {model_type!r}; altjax-convert handles {' or '.join(map(repr, classes))}")
+    return model_type, classes[model_type]
+
+
+def _log(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def convert(args: argparse.Namespace) -> int:
+    from altjax import checkpoint
+    from altjax.conversion import check
+
+    src, out = os.path.abspath(args.src), os.path.abspath(args.out)
+    if os.path.exists(out) and not args.overwrite:
+        raise checkpoint.CheckpointError(f"{out}: output path exists (choose another path or pass --overwrite)")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise checkpoint.CheckpointError(f"{os.path.dirname(out)}: the output's parent directory does not exist")
+    if args.images or args.texts or args.tolerance is not None:
+        if not args.check:
+            raise checkpoint.CheckpointError("--images, --texts and --tolerance only apply with --check")
+    model_type, cls = _model_class(src)
+    progress = not args.quiet
+    start = time.perf_counter()
+    _log(args.quiet, f"reading {src} ({model_type})")
+    model = cls.from_pretrained(src, progress=progress)
+    fmt = "altjax" if args.direction == "to-altjax" else "hf"
+    # Written and checked in a staging directory beside OUT; renamed into place only when it passed.
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.stage-", dir=os.path.dirname(out))
+    try:
+        written = os.path.join(staging, "out")
+        kwargs = {"max_shard_size": args.max_shard_size} if fmt == "hf" else {}
+        model.save_pretrained(written, format=fmt, progress=progress, **kwargs)
+        _log(args.quiet, f"converted in {time.perf_counter() - start:.1f}s")
+        if args.check:
+            hf_dir, jax_dir = (src, written) if fmt == "altjax" else (written, src)
+            converted = cls.from_pretrained(jax_dir) if fmt == "altjax" else model
+            inputs = check.check_inputs(converted.config, src, images=args.images, texts=args.texts)
+            _log(args.quiet, "checking: transformers vs altjax on one batch")
+            rows = check.compare(check.run_altjax(converted, inputs), check.run_transformers(hf_dir, model_type, inputs),
+                                 tolerance=check.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance)
+            print(check.format_table(rows))
+            failed = [r.name for r in rows if not r.passed]
+            if failed:
+                print(f"{PROG}: parity check failed for {', '.join(failed)}; nothing written to {out}", file=sys.stderr)
+                return 1
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.rename(written, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from altjax.checkpoint import CheckpointError
+    from altjax.conversion.engine import ConversionError
+
+    args = _parser().parse_args(argv)
+    try:
+        return convert(args)
+    except (CheckpointError, ConversionError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        return 130
