@@ -13,6 +13,7 @@ the test (an image's embedding is its own pixel vector, a text's the sum of its 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -58,6 +59,12 @@ def _randomise_(model, seed: int):
             elif name.endswith("running_var"):
                 b.copy_(0.5 + torch.rand(b.shape, generator=gen))
     return model
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_align_dir(directory: str) -> str:
+    """``build_tiny_align(directory)`` once per test session (both evaluation test files use it)."""
+    return build_tiny_align(directory)
 
 
 def build_tiny_align(directory: str, seed: int = 0) -> str:

@@ -7,7 +7,6 @@ Embeddings of the ``VectorModel`` (chosen by the test) are exact to 1e-6; every 
 from the same embeddings is compared exactly, and the two-process run's metrics equal the
 one-process metrics exactly.
 """
-import functools
 import io
 import json
 import os
@@ -51,15 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-6
 
 
-@functools.lru_cache(maxsize=None)
-def _tiny_align(directory: str):
-    worker.build_tiny_align(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def align_dir(tmp_path_factory):
-    return _tiny_align(str(tmp_path_factory.getbasetemp() / "tiny-align"))
+    return worker.tiny_align_dir(str(tmp_path_factory.getbasetemp() / "tiny-align"))
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +208,18 @@ def test_eval_mode_sharded_state_and_no_recompilation():
     model.table[...] = model.table[...] * 2.0
     Embedder(model, processor, mesh=mesh, batch_size=8).embed_texts(texts)
     assert embed_lib._embed_batch._cache_size() == before, "changed weights recompiled the embedding function"
+
+
+def test_progress_only_on_multi_batch_runs(capsys):
+    model, processor, _, _ = vector_model()
+    embedder = Embedder(model, processor, batch_size=8, progress=True)
+    embedder.embed_texts(["a photo of cat"] * 8)
+    assert capsys.readouterr().err == "", "a single batch should not report progress"
+    embedder.embed_texts(["a photo of cat"] * 20)
+    err = capsys.readouterr().err
+    assert "embedding texts: 20/20 texts (100%)" in err, f"progress line missing: {err!r}"
+    Embedder(model, processor, batch_size=8).embed_texts(["cat"] * 20)
+    assert capsys.readouterr().err == "", "progress is off by default"
 
 
 def test_evaluation_key():

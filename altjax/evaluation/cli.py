@@ -103,18 +103,24 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(line(row) for row in [header, *rows])
 
 
+def read_results(path: str) -> dict[str, Any]:
+    """The evaluations already in a results file (``{}`` if there is none); CommandError if the
+    file is something else, which is then never overwritten."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CommandError(f"{path}: exists and is not valid JSON ({e}); not overwriting it") from None
+    if not isinstance(results, dict):
+        raise CommandError(f"{path}: exists and is not a JSON object of evaluations; not overwriting it")
+    return results
+
+
 def write_results(path: str, results: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Merges ``results`` into the JSON object in ``path`` (created if absent); atomic replace."""
-    merged: dict[str, Any] = {}
-    if os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                merged = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CommandError(f"{path}: exists and is not valid JSON ({e}); not overwriting it") from None
-        if not isinstance(merged, dict):
-            raise CommandError(f"{path}: exists and is not a JSON object of evaluations; not overwriting it")
-    merged.update(results)
+    merged = {**read_results(path), **results}
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -165,6 +171,8 @@ def _eval(args) -> int:
     if args.task == "retrieval" and (args.templates or args.classnames):
         raise CommandError("--templates and --classnames apply to --task zeroshot only")
     checkpoint_model_type(args.checkpoint)
+    if args.output:
+        read_results(args.output)  # an unusable output file fails now, not after the evaluation
     templates = get_templates(args.templates) if args.templates else None
     class_names = read_class_names(args.classnames) if args.classnames else None
     dataset = load_dataset(args.dataset, args.task, split=args.split, lang=args.lang, data_dir=args.data_dir,

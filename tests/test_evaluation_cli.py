@@ -1,0 +1,293 @@
+"""``altjax-eval`` and ``altjax-embed`` end to end on a tiny random ALIGN saved as an HF directory.
+
+The metrics the CLI writes are compared exactly with ``evaluate_zeroshot`` / ``evaluate_retrieval``
+called in this process (the CLI is plumbing around them: dataset resolution, templates, names,
+the JSON file). Embedding files are compared exactly (atol 0) with ``Embedder`` outputs, which run
+the same jitted function on the same batch shapes; search scores to 1e-6.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from altjax import AlignModel, AlignProcessor
+from altjax.evaluation import Embedder, evaluate_retrieval, evaluate_zeroshot, load_dataset
+from altjax.evaluation.cli import embed_main, eval_main, format_table
+from altjax.evaluation.templates import get_templates
+from helpers import assert_close
+from tests import multihost_eval_worker as worker
+
+VENV_BIN = Path(sys.executable).parent
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220)}
+
+
+@pytest.fixture(scope="module")
+def align_dir(tmp_path_factory):
+    return worker.tiny_align_dir(str(tmp_path_factory.getbasetemp() / "tiny-align"))
+
+
+@pytest.fixture(scope="module")
+def align(align_dir):
+    return AlignModel.from_pretrained(align_dir), AlignProcessor.from_pretrained(align_dir)
+
+
+def _picture(path, colour, seed):
+    rng = np.random.default_rng(seed)
+    size = (30 + 7 * (seed % 3), 26 + 5 * (seed % 2))
+    pixels = np.clip(np.asarray(colour) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """``shapes/<class>/*.png`` (3 classes, 3 + 2 + 3 images) and ``photos/`` with a captions file."""
+    root = tmp_path_factory.mktemp("data")
+    count = 0
+    for name, n in (("red_square", 3), ("green_circle", 2), ("blue_star", 3)):
+        for i in range(n):
+            _picture(str(root / "shapes" / name / f"{i}.png"), COLOURS[name.split("_")[0]], count)
+            count += 1
+    lines = []
+    for i, colour in enumerate(["red", "green", "blue", "red", "blue"]):
+        _picture(str(root / "photos" / f"p{i}.png"), COLOURS[colour], 10 + i)
+        captions = [f"a {colour} picture", f"something {colour} number {i}"][: 1 + i % 2]
+        lines.append(json.dumps({"image": f"p{i}.png", "captions": captions}))
+    (root / "photos" / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _lines(text):
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def test_eval_zeroshot_and_retrieval(align_dir, align, folders, tmp_path, capsys):
+    model, processor = align
+    output = tmp_path / "results" / "eval_results.json"
+    shapes, photos = str(folders / "shapes"), str(folders / "photos")
+    assert eval_main(["--checkpoint", align_dir, "--task", "zeroshot", "--dataset", shapes, "--templates", "en",
+                      "--batch-size", "8", "--output", str(output)]) == 0
+    table = _lines(capsys.readouterr().out)
+    assert table[0].split() == ["evaluation", "top1", "top5", "mean_per_class_recall"], table
+    assert table[1].split()[0] == "zeroshot/shapes/en" and len(table) == 2, table
+    assert len({len(line) for line in table}) == 1, f"table columns not aligned:\n{table}"
+    expected_zeroshot = evaluate_zeroshot(model, processor, load_dataset(shapes, "zeroshot"),
+                                          templates=get_templates("en"), batch_size=8)
+    assert json.loads(output.read_text()) == {"zeroshot/shapes/en": expected_zeroshot}
+
+    assert eval_main(["--checkpoint", align_dir, "--task", "retrieval", "--dataset", photos,
+                      "--batch-size", "8", "--output", str(output)]) == 0
+    table = _lines(capsys.readouterr().out)
+    assert table[0].split() == ["evaluation", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mr"]
+    expected_retrieval = evaluate_retrieval(model, processor, load_dataset(photos, "retrieval"), batch_size=8)
+    assert f"{expected_retrieval['mr']:.2f}" == table[1].split()[-1], table
+    # Results accumulate in the file, as in a training workdir's eval_results.json.
+    assert json.loads(output.read_text()) == {"zeroshot/shapes/en": expected_zeroshot,
+                                              "retrieval/photos/en": expected_retrieval}
+    assert sorted(os.listdir(output.parent)) == ["eval_results.json"], "temporary files left behind"
+
+
+def test_format_table():
+    table = format_table({"retrieval/a/en": {"t2i_r1": 5.0, "mr": 12.345}, "retrieval/bb/zh": {"t2i_r1": 100.0}})
+    assert table.splitlines() == [
+        "evaluation       t2i_r1     mr",
+        "retrieval/a/en     5.00  12.35",
+        "retrieval/bb/zh  100.00      -",
+    ], table
+
+
+def _bad_model_type(tmp_path):
+    directory = tmp_path / "bert"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    return str(directory)
+
+
+def _templates_without_placeholder(tmp_path):
+    (tmp_path / "templates.txt").write_text("a photo\n")
+    return ["--templates", str(tmp_path / "templates.txt")]
+
+
+EVAL_ERRORS = {
+    "missing checkpoint": (lambda d, f, t: ["--checkpoint", str(t / "nowhere"), "--task", "zeroshot",
+                                            "--dataset", str(f / "shapes")], r"nowhere: not a directory"),
+    "bad model_type": (lambda d, f, t: ["--checkpoint", _bad_model_type(t), "--task", "zeroshot",
+                                        "--dataset", str(f / "shapes")],
+                       r"bert: model_type 'bert' in config.json is not one of \['align', 'altclip'\]"),
+    "unknown dataset": (lambda d, f, t: ["--checkpoint", d, "--task", "retrieval", "--dataset", "flickr30k"],
+                        r"unknown dataset 'flickr30k': not a directory, and not one of scenes, altjax_scenes, "),
+    "unprepared tfds": (lambda d, f, t: ["--checkpoint", d, "--task", "zeroshot", "--dataset", "cifar10",
+                                         "--data-dir", str(t / "tfds")],
+                        r"tfds dataset 'cifar10' is not prepared in .*tfds/cifar10"),
+    "no captions": (lambda d, f, t: ["--checkpoint", d, "--task", "retrieval", "--dataset", str(f / "shapes")],
+                    r"shapes: no captions file \(captions.jsonl or captions.tsv\) for retrieval"),
+    "bad templates": (lambda d, f, t: ["--checkpoint", d, "--task", "zeroshot", "--dataset", str(f / "shapes"),
+                                       *_templates_without_placeholder(t)],
+                      r"templates.txt, line 1: template 'a photo' has no '\{\}' placeholder"),
+    "templates for retrieval": (lambda d, f, t: ["--checkpoint", d, "--task", "retrieval", "--dataset",
+                                                 str(f / "photos"), "--templates", "en"],
+                                r"--templates and --classnames apply to --task zeroshot only"),
+}
+
+
+@pytest.mark.parametrize("case", list(EVAL_ERRORS))
+def test_eval_errors(case, align_dir, folders, tmp_path, capsys):
+    make_args, message = EVAL_ERRORS[case]
+    output = tmp_path / "out.json"
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main([*make_args(align_dir, folders, tmp_path), "--output", str(output)])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2, f"{case}: exit status {exit_info.value.code}"
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("altjax-eval: error: "), f"{case}: stderr {captured.err!r}"
+    assert re.search(message, lines[0]), f"{case}: {lines[0]!r} does not match {message!r}"
+    assert captured.out == "" and not output.exists(), f"{case}: output written on error"
+
+
+def test_eval_keeps_a_foreign_output_file(align_dir, folders, tmp_path, capsys):
+    output = tmp_path / "notes.json"
+    output.write_text("not json")
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["--checkpoint", align_dir, "--task", "zeroshot", "--dataset", str(folders / "shapes"),
+                   "--templates", "en", "--batch-size", "8", "--output", str(output)])
+    assert exit_info.value.code == 2 and "not valid JSON" in capsys.readouterr().err
+    assert output.read_text() == "not json", "an unrelated file was overwritten"
+
+
+def test_console_scripts(tmp_path):
+    """The installed entry points (pip install -e) report expected errors in one line, status 2."""
+    for script, args, message in (
+        ("altjax-eval", ["--checkpoint", str(tmp_path / "missing"), "--task", "retrieval", "--dataset", "x"],
+         f"altjax-eval: error: {tmp_path / 'missing'}: not a directory"),
+        ("altjax-embed", ["--index", str(tmp_path), "--query", "a cat"],
+         f"altjax-embed: error: {tmp_path}: not an altjax-embed index (no index.json)"),
+    ):
+        run = subprocess.run([str(VENV_BIN / script), *args], capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert run.returncode == 2 and run.stderr.strip() == message and run.stdout == "", \
+            f"{script}: status {run.returncode}, stderr {run.stderr!r}"
+
+
+def test_embed_build_search_and_overwrite(align_dir, align, folders, tmp_path, capsys):
+    model, processor = align
+    texts_file = tmp_path / "texts.txt"
+    texts = ["a red square", "a green circle", "a blue star", "something else entirely"]
+    texts_file.write_text("\n".join(texts[:2]) + "\n\n" + "\n".join(texts[2:]) + "\n")
+    images_dir = folders / "shapes"
+    out = tmp_path / "index"
+    assert embed_main(["--checkpoint", align_dir, "--images", str(images_dir), "--texts", str(texts_file),
+                       "--out", str(out), "--batch-size", "8"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 8 images, 4 texts (40-d embeddings) to {out}"
+    assert sorted(os.listdir(out)) == ["image_embeds.npy", "index.json", "text_embeds.npy"]
+    assert sorted(os.listdir(tmp_path)) == ["index", "texts.txt"], "temporary directory left behind"
+    index = json.loads((out / "index.json").read_text())
+    images = sorted(f"{c}/{i}.png" for c, n in (("red_square", 3), ("green_circle", 2), ("blue_star", 3))
+                    for i in range(n))
+    assert index["images"] == images and index["texts"] == texts and index["dim"] == 40
+    assert index["model_type"] == "align" and index["checkpoint"] == os.path.abspath(align_dir)
+    image_embeds, text_embeds = np.load(out / "image_embeds.npy"), np.load(out / "text_embeds.npy")
+    embedder = Embedder(model, processor, batch_size=8)
+    assert image_embeds.dtype == np.float32 and text_embeds.dtype == np.float32
+    assert_close(image_embeds, embedder.embed_images([str(images_dir / p) for p in images]), atol=0,
+                 what="image_embeds.npy vs Embedder")
+    assert_close(text_embeds, embedder.embed_texts(texts), atol=0, what="text_embeds.npy vs Embedder")
+
+    # Search with a text (the checkpoint comes from the index).
+    assert embed_main(["--index", str(out), "--query", "a red square", "--top-k", "3"]) == 0
+    sections = capsys.readouterr().out.strip().split("\n\n")
+    query = embedder.embed_texts(["a red square"])[0].astype(np.float64)
+    for section, kind, embeds in zip(sections, ("images", "texts"), (image_embeds, text_embeds)):
+        lines = section.splitlines()
+        assert lines[0] == f'top 3 {kind} of {len(embeds)} for "a red square":', lines[0]
+        scores = embeds.astype(np.float64) @ query
+        best = np.argsort(-scores, kind="stable")[:3]
+        for rank, (line, row) in enumerate(zip(lines[1:], best), start=1):
+            got_rank, got_score, got_name = line.split(maxsplit=2)
+            assert int(got_rank) == rank and got_name == index[kind][row], f"{kind} rank {rank}: {line!r}"
+            assert abs(float(got_score) - scores[row]) <= 1e-4, f"{kind} rank {rank}: score {got_score} vs {scores[row]}"
+    assert sections[1].splitlines()[1].endswith(" a red square"), "the identical text is not the best match"
+
+    # Search with one of the indexed images: it finds itself, at cosine 1.
+    assert embed_main(["--index", str(out), "--checkpoint", align_dir, "--query-image",
+                       str(images_dir / "green_circle" / "1.png"), "--top-k", "1"]) == 0
+    first = capsys.readouterr().out.splitlines()[1].split()
+    assert first[2] == "green_circle/1.png" and abs(float(first[1]) - 1.0) <= 1e-4, first
+
+    # An existing index is kept unless --overwrite; --overwrite replaces it whole.
+    before = (out / "index.json").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        embed_main(["--checkpoint", align_dir, "--texts", str(texts_file), "--out", str(out)])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and err == [f"altjax-embed: error: {out} exists; pass --overwrite to replace it"], err
+    assert (out / "index.json").read_text() == before
+    assert embed_main(["--checkpoint", align_dir, "--texts", str(texts_file), "--out", str(out), "--overwrite",
+                       "--batch-size", "8"]) == 0
+    capsys.readouterr()
+    assert sorted(os.listdir(out)) == ["index.json", "text_embeds.npy"], "the old index was not replaced whole"
+    assert sorted(os.listdir(tmp_path)) == ["index", "texts.txt"], "old index or temporary left behind"
+
+    # --overwrite never replaces a directory that is not an index.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        embed_main(["--checkpoint", align_dir, "--texts", str(texts_file), "--out", str(other), "--overwrite"])
+    assert exit_info.value.code == 2 and "is not an altjax-embed index; not replacing it" in capsys.readouterr().err
+    assert os.listdir(other) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "{tmp}/o", "--images", "{tmp}/none"], "{tmp}/none: not a directory"),
+    (["--out", "{tmp}/o"], "nothing to embed: pass --images FOLDER and/or --texts FILE"),
+    (["--out", "{tmp}/o", "--texts", "{tmp}/empty.txt"], "{tmp}/empty.txt: no texts (no non-empty lines)"),
+    (["--index", "{tmp}", "--query", "x"], "{tmp}: not an altjax-embed index (no index.json)"),
+    (["--index", "{tmp}/o2"], "--index needs --query TEXT or --query-image PATH"),
+])
+def test_embed_errors(args, message, align_dir, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "o2").mkdir()
+    args = [a.format(tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        embed_main(["--checkpoint", align_dir, *args])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and err == [f"altjax-embed: error: {message.format(tmp=tmp_path)}"], err
+    assert not (tmp_path / "o").exists(), "an output directory was created on error"
+
+
+def test_embed_altclip(folders, tmp_path, capsys):
+    """An AltCLIP directory (model_type altclip) goes to AltCLIPModel / AltCLIPProcessor; the
+    embeddings equal the model called directly. Its 40 positions need --text-length below 77."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from altjax import AltCLIPModel, AltCLIPProcessor
+    from helpers import tiny_hf_dir
+
+    model_dir = tmp_path / "altclip"
+    tiny_hf_dir(str(model_dir), "altclip")
+    texts_file = tmp_path / "texts.txt"
+    texts = ["a photo of a cat", "un chat", "a dog", "的猫"]
+    texts_file.write_text("\n".join(texts) + "\n")
+    out = tmp_path / "index"
+    images_dir = folders / "photos"
+    assert embed_main(["--checkpoint", str(model_dir), "--images", str(images_dir), "--texts", str(texts_file),
+                       "--out", str(out), "--batch-size", "8", "--text-length", "24"]) == 0
+    capsys.readouterr()
+    index = json.loads((out / "index.json").read_text())
+    assert index["model_type"] == "altclip" and index["text_length"] == 24
+
+    model, processor = AltCLIPModel.from_pretrained(model_dir), AltCLIPProcessor.from_pretrained(model_dir)
+    paths = [str(images_dir / p) for p in index["images"]]
+    inputs = processor(text=texts, images=[Image.open(p) for p in paths], padding="max_length", truncation=True,
+                       max_length=24)
+    graphdef, state = nnx.split(model)
+    direct = jax.jit(lambda s, x: nnx.merge(graphdef, s)(**x))(state, {k: jnp.asarray(v) for k, v in inputs.items()})
+    assert_close(np.load(out / "image_embeds.npy"), direct.image_embeds, atol=1e-6, what="AltCLIP image_embeds.npy vs model")
+    assert_close(np.load(out / "text_embeds.npy"), direct.text_embeds, atol=1e-6, what="AltCLIP text_embeds.npy vs model")
