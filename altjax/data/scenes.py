@@ -11,14 +11,17 @@ tensorflow-datasets reads without TensorFlow.
 Zero-shot generalisation is measurable: the colour x shape pairs in :data:`HELD_OUT` never appear
 (as either object) in ``train`` or ``validation``, while ``test`` draws every pair uniformly, so a
 model must compose a colour it has seen with a shape it has seen in a new way. ``label`` is the
-colour-shape class of the caption's subject (the first object it names); :func:`class_names` gives
-its names in either language for zero-shot prompts.
+colour-shape class of the scene's subject: the lone object, or the object whose relation to the
+other the captions state; :func:`class_names` gives its names in either language for zero-shot
+prompts.
 
 Features: ``image`` (uint8 HxWx3, JPEG-encoded), ``caption_en``, ``caption_zh``, ``label``,
 ``num_objects`` (1 or 2), per object ``colours``/``shapes``/``sizes`` (int32 (2,), -1 where there
 is no second object) and ``centres`` (float32 (2, 2), (x, y) as fractions of the image width and
 height, from the top left), ``position`` and ``relation`` (class labels whose index 0 is "none"),
-and ``held_out`` (whether any object is a held-out pair).
+``held_out`` (whether any object is a held-out pair), and ``index`` (the example's number in its
+split: tfds stores examples in a shuffled order, and :func:`generate_example` with this number
+regenerates it).
 """
 from __future__ import annotations
 
@@ -314,7 +317,17 @@ def generate_example(seed: int, split: str, index: int, image_size: int) -> dict
         "position": 0 if scene.position is None else scene.position + 1,
         "relation": 0 if scene.relation is None else scene.relation + 1,
         "held_out": any(o.label in _HELD_OUT_IDS for o in objs),
+        "index": np.int32(index),
     }
+
+
+def encode_jpeg(image: np.ndarray) -> bytes:
+    """The stored form of an image: JPEG at quality 95 without chroma subsampling, which keeps
+    colours within a few levels and encodes and decodes several times faster than PNG (the
+    background noise makes PNG large and slow)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="jpeg", quality=95, subsampling=0)
+    return buffer.getvalue()
 
 
 @dataclasses.dataclass
@@ -378,6 +391,7 @@ class AltjaxScenes(tfds.core.GeneratorBasedBuilder):
                 "position": tfds.features.ClassLabel(names=["none"] + [p[0] for p in POSITIONS]),
                 "relation": tfds.features.ClassLabel(names=["none"] + [r[0] for r in RELATIONS]),
                 "held_out": tfds.features.Scalar(dtype=np.bool_),
+                "index": tfds.features.Scalar(dtype=np.int32),
             }),
             supervised_keys=("image", "label"),
         )
@@ -392,12 +406,8 @@ class AltjaxScenes(tfds.core.GeneratorBasedBuilder):
         config = self.builder_config
         for index in range(num_examples):
             example = generate_example(config.seed, split, index, config.image_size)
-            # tfds would encode the array with TensorFlow; JPEG bytes from PIL keep TF out. JPEG at
-            # quality 95 without chroma subsampling keeps colours within a few levels, and encodes
-            # and decodes several times faster than PNG (the noise makes PNG large and slow).
-            buffer = io.BytesIO()
-            Image.fromarray(example["image"]).save(buffer, format="jpeg", quality=95, subsampling=0)
-            example["image"] = buffer.getvalue()
+            # tfds would encode the array with TensorFlow; JPEG bytes from PIL keep TF out.
+            example["image"] = encode_jpeg(example["image"])
             yield index, example
 
 
@@ -455,7 +465,8 @@ def load_split(split: str, *, data_dir: str | None = None, image_size: int = 64,
 
     Returns ``images`` uint8 (N, H, W, 3), ``captions`` (list of N strings in ``lang``), ``labels``
     int32 (N,), ``class_names`` (in ``lang``), and the attributes ``num_objects`` and
-    ``held_out`` (N,) for restricting an evaluation to one-object scenes or held-out pairs.
+    ``held_out`` (N,) for restricting an evaluation to one-object scenes or held-out pairs, in
+    the order of generation (example ``i`` of the split first).
     ``config`` overrides ``image_size`` (a :class:`ScenesConfig` or a config name).
     """
     if split not in SPLITS:
@@ -464,7 +475,7 @@ def load_split(split: str, *, data_dir: str | None = None, image_size: int = 64,
         raise ValueError(f"lang must be 'en' or 'zh', got {lang!r}")
     builder = prepare(config if config is not None else scenes_config(image_size=image_size), data_dir=data_dir)
     source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
-    records = source.__getitems__(list(range(len(source))))
+    records = sorted(source.__getitems__(list(range(len(source)))), key=lambda r: r["index"])
     images = np.stack([np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in records])
     return {
         "images": images,
