@@ -110,6 +110,8 @@ def tiny_hf_dir(directory, model_type: str, *, name: str | None = None, seed: in
     module = test_align if model_type == "align" else test_altclip
     name = name or next(iter(module.TINY))
     config = module.hf_config(name)
+    if model_type == "align":
+        config.text_config.vocab_size = 30522  # the real bert-base-uncased vocab of the tokenizer
     cls = transformers.AlignModel if model_type == "align" else transformers.AltCLIPModel
     model = module.randomise_(cls(config).eval(), seed)
     model.save_pretrained(directory)

@@ -243,3 +243,35 @@ def test_config_round_trip_and_defaults():
     assert hash(nnx.graphdef(Bert(BertConfig(**CONFIGS["h32-heads4-l2-i37"], extra={"k": [1]}), rngs=nnx.Rngs(0))))
     with pytest.raises(ValueError, match="not a multiple"):
         BertConfig(hidden_size=30, num_attention_heads=4)
+
+
+# Real sentences for the real-weights check (English with punctuation, casing, accents, numbers).
+REAL_SENTENCES = [
+    "A photo of a cat sleeping on a red sofa.",
+    "Two dogs run along the beach at sunset, chasing a ball!",
+    "The Eiffel Tower was completed in 1889 for the World's Fair.",
+    "Crème brûlée is a dessert with a caramelised sugar top.",
+]
+
+
+def test_real_minilm_weights_match_bert_model():
+    """Real BERT weights (all-MiniLM-L6-v2: 6 layers, 384 wide, the ALIGN text tower's layout) read
+    from the package's model.safetensors with altjax.checkpoint, on real tokenised sentences."""
+    from altjax.checkpoint import open_weights, read_config
+    from helpers import bert_vocab_dir
+
+    directory = bert_vocab_dir()
+    cfg = BertConfig.from_hf(read_config(directory))
+    assert cfg.hidden_size == 384 and cfg.num_hidden_layers == 6, f"unexpected MiniLM config {cfg}"
+    model = Bert(cfg, rngs=nnx.Rngs(0))
+    engine.load_params(model, engine.torch_to_nnx(open_weights(directory), bert_table(cfg), engine.model_shapes(model)))
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(directory)
+    inputs = dict(tokenizer(REAL_SENTENCES, padding=True, return_tensors="np"))
+    tm = transformers.BertModel.from_pretrained(directory).eval()
+    with torch.no_grad():
+        ref = tm(**to_torch(inputs), output_hidden_states=True)
+    out = jitted(model)(inputs)
+    diff = assert_close(np.asarray(out.last_hidden_state), ref.last_hidden_state.numpy(), atol=1e-5,
+                        what="MiniLM last_hidden_state")
+    assert_close(out.pooler_output, ref.pooler_output, atol=1e-5, what="MiniLM pooler_output")
+    print(f"real MiniLM weights: max |altjax - transformers| of last_hidden_state {diff:.2e}")

@@ -99,7 +99,13 @@ def check_inputs(config: Any, processor_dir: Optional[str], *, images: Sequence[
         processor = proc_cls.from_pretrained(processor_dir)
         pil = _load_images(images) if images else [
             rng.integers(0, 256, (vision.image_size + 7 * i, vision.image_size + 5, 3), dtype=np.uint8) for i in range(batch)]
-        return dict(processor(text=list(texts or DEFAULT_TEXTS), images=pil, padding=True, return_tensors="np"))
+        inputs = dict(processor(text=list(texts or DEFAULT_TEXTS), images=pil, padding=True, return_tensors="np"))
+        if inputs["input_ids"].max() >= text.vocab_size:
+            from altjax.checkpoint import CheckpointError
+
+            raise CheckpointError(f"{processor_dir}: the tokenizer gives token id {int(inputs['input_ids'].max())}, "
+                                  f"beyond the model's vocab_size {text.vocab_size}")
+        return inputs
     if images or texts:
         from altjax.checkpoint import CheckpointError
 
