@@ -2,6 +2,7 @@
 and Chinese captions say the same, held-out pairs stay out of training, generation is
 deterministic, and ``load_split`` serves the evaluation."""
 import io
+import os
 import re
 
 import numpy as np
@@ -215,3 +216,29 @@ def test_load_split_and_vocabulary(dataset):
     assert scenes.class_names("zh")[0] == "红色圆形" and scenes.class_names("en")[0] == "red circle"
     with pytest.raises(ValueError, match="split"):
         scenes.load_split("dev", data_dir=data_dir)
+
+
+def test_concurrent_prepare_generates_once(tmp_path):
+    """Two preparations racing for one data_dir: one generates, the other waits and reuses it, and
+    no partial directory is left behind."""
+    import threading
+
+    config = scenes.scenes_config(image_size=16, num_train=400, num_validation=4, num_test=8, seed=5)
+    builders, errors = [], []
+
+    def run():
+        try:
+            builders.append(scenes.prepare(config, data_dir=str(tmp_path)))
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(builders) == 2, f"errors {errors}"
+    sizes = [len(b.as_data_source("train")) for b in builders]
+    assert sizes == [400, 400], f"train sizes {sizes}"
+    entries = sorted(os.listdir(tmp_path / "altjax_scenes" / config.name))
+    assert entries == ["1.0.0"], f"left in the dataset directory: {entries}"

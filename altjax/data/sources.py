@@ -176,25 +176,20 @@ class ArrayRecordSource:
         self.image_key, self.caption_key = image_key, caption_key
         self.paths = expand_files(files)
         self.damaged: list[str] = []
+        # Thread-safe: the data source shares one thread-safe reader per file.
         self._data = array_record_data_source.ArrayRecordDataSource(self.paths)
-        # Reads go through one lock: the reader is not documented as thread-safe, and a read is
-        # short next to the decoding that runs outside it.
-        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._data)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        with self._lock:
-            data = self._data[index]
-        return parse_example(data)
+        return parse_example(self._data[index])
 
     def describe(self, index: int) -> str:
         return f"{self.paths}[{index}]"
 
     def close(self) -> None:
-        with self._lock:
-            self._data.__exit__(None, None, None)
+        self._data.__exit__(None, None, None)
 
 
 def _skip_decoding(key: str):
@@ -238,7 +233,6 @@ class TfdsSource:
         if info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
             self._data = builder.as_data_source(split, decoders=decoders)
             self._records = None
-            self._lock = threading.Lock()
         else:
             self._features, self._decoders = info.features, decoders
             self._records = []
@@ -255,8 +249,7 @@ class TfdsSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self._records is None:
-            with self._lock:
-                return self._data[index]
+            return self._data[index]
         shard, offset, length = self._records[index]
         data = tfrecord.read_record(self.files.fd(shard), offset, length, self.files.paths[shard])
         return self._features.deserialize_example_np(data, decoders=self._decoders)
