@@ -512,6 +512,11 @@ def test_real_tfds_array_record_reader(monkeypatch, scenes_dir):
     data = scenes.load_split("test", data_dir=scenes_dir, config=small)
     real_builder = tfds.builder
     monkeypatch.setattr(tfds, "builder", lambda name, **kw: real_builder(name, config=small, **kw))
+    # tfds stores the examples shuffled; load_split returns them in generation order ("index").
+    source = tfds.builder("altjax_scenes", data_dir=scenes_dir).as_data_source("test")
+    order = [int(source[i]["index"]) for i in range(len(source))]
+    data = {k: (np.asarray(v)[order] if k != "class_names" else v) for k, v in data.items()}
+    data["captions"] = data["captions"].tolist()
     for task, spec in (("zeroshot", datasets_lib.TfdsSpec("zeroshot", "test")),
                        ("retrieval", datasets_lib.TfdsSpec("retrieval", "test", caption_key=("caption_en",)))):
         # load_dataset sends "altjax_scenes" to load_split, so the tfds reader is called directly.
