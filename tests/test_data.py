@@ -208,6 +208,54 @@ def test_tfds_source_reads_array_record_and_tfrecord_layouts(tmp_path, scenes_bu
             f"record {i} differs between the ArrayRecord and TFRecord layouts")
 
 
+class ToyCaptions(__import__("tensorflow_datasets").core.GeneratorBasedBuilder):
+    """A COCO-captions-like tfds dataset: variable-size images with several captions each."""
+
+    VERSION = "1.0.0"
+
+    def _info(self):
+        import tensorflow_datasets as tfds
+
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(encoding_format="jpeg"),
+            "captions": tfds.features.Sequence({"text": tfds.features.Text(), "id": np.int64}),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        rng = np.random.default_rng(1)
+        for i in range(6):
+            image = rng.integers(0, 256, (20 + i, 30 - i, 3), dtype=np.uint8)
+            texts = [f"image {i} caption {j}" for j in range(2 + i % 2)]
+            yield i, {"image": _jpeg(image), "captions": {"text": texts, "id": list(range(len(texts)))}}
+
+
+def test_tfds_dataset_by_name_with_nested_captions(tmp_path, tokenizer):
+    """A dataset given by its registered name, captions read from a nested sequence feature
+    (``captions/text`` as in coco_captions), one of them drawn per example and epoch."""
+    ToyCaptions(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    source = sources.TfdsSource("toy_captions", "train", data_dir=str(tmp_path), caption_key="captions/text")
+    assert len(source) == 6, f"{len(source)} records"
+    with pipeline.InputPipeline(source, batch_size=6, image=preprocess.ImageTransform(preprocess.clip_image_config(16)),
+                                texts=preprocess.TextField(tokenizer, max_length=12), num_epochs=30,
+                                process_index=0, process_count=1) as p:
+        batches = list(p)
+    drawn = set()
+    for batch in batches:
+        for ids in batch["input_ids"]:
+            words = tokenizer.decode(ids, skip_special_tokens=True).split()
+            assert words[0] == "image" and words[2] == "caption", f"decoded caption {words}"
+            drawn.add((int(words[1]), int(words[3])))
+    expected = {(i, j) for i in range(6) for j in range(2 + i % 2)}
+    assert drawn == expected, f"captions drawn over 30 epochs {sorted(drawn)} != all {sorted(expected)}"
+    import tensorflow_datasets as tfds
+
+    assert isinstance(tfds.builder("altjax_scenes", data_dir=str(tmp_path)), scenes.AltjaxScenes), (
+        "altjax_scenes is not registered with tfds")
+
+
 # ----- pipeline -----
 
 def test_pipeline_batches_and_determinism(webdataset_files, tokenizer):
