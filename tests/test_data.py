@@ -262,9 +262,10 @@ def test_pipeline_batches_and_determinism(webdataset_files, tokenizer):
     source = sources.WebDatasetSource(webdataset_files)
     with _pipeline(source, tokenizer, extra_keys=("cls",), num_epochs=2) as p:
         first = list(p)
-    with _pipeline(sources.WebDatasetSource(webdataset_files), tokenizer, extra_keys=("cls",), num_epochs=2) as p:
+    with _pipeline(sources.WebDatasetSource(webdataset_files), tokenizer, extra_keys=("cls",), num_epochs=2,
+                   num_threads=1, prefetch=0) as p:
         again = list(p)
-    _assert_batches_equal(again, first, "same seed")
+    _assert_batches_equal(again, first, "same seed, 1 thread without prefetching vs 2 threads with")
     assert len(first) == 2 * N // 4, f"{len(first)} batches in two epochs of {N} records, expected {2 * N // 4}"
     batch = first[0]
     shapes = {k: (v.shape, v.dtype.name) for k, v in batch.items()}
@@ -319,6 +320,10 @@ def test_processes_read_disjoint_parts_that_cover_the_data(tfrecord_files, token
                    process_count=5, batch_size=2, drop_remainder=False, shuffle=False) as p:
         ids = np.concatenate([b["id"] for b in p]).tolist()
     assert ids == list(range(1, N, 5)), f"process 1 of 5 in order reads {ids}"
+    # By default the layout is jax's: one process here.
+    with _pipeline(sources.TFRecordSource(tfrecord_files), tokenizer, process_index=None, process_count=None) as p:
+        layout = (p.get_state()["process_index"], p.get_state()["process_count"])
+    assert layout == (0, 1), f"default process layout {layout}"
 
 
 def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, samples, tokenizer, caplog):
@@ -344,6 +349,8 @@ def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, samples, tokeni
     with caplog.at_level(logging.WARNING, logger="altjax.data"):
         source = sources.WebDatasetSource([files[0], cut])
     assert source.damaged and 12 < len(source) < N, f"cut tar: {len(source)} samples, damage {source.damaged}"
+    with _pipeline(source, tokenizer, extra_keys=("cls",)) as p:
+        assert p.damaged == source.damaged, f"pipeline reports damage {p.damaged}"
 
 
 def test_a_wrong_key_raises_instead_of_skipping_forever(webdataset_files, tokenizer):

@@ -116,14 +116,16 @@ class InputPipeline(Iterator[dict[str, np.ndarray]]):
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The record indices this process reads in ``epoch``, in order."""
-        if self._order_cache is None or self._order_cache[0] != epoch:
-            n = self.num_records
-            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            share = order[self.process_index::self.process_count]
-            if self.drop_remainder:
-                share = share[:n // self.process_count]
-            self._order_cache = (epoch, share)
-        return self._order_cache[1]
+        cached = self._order_cache  # read once: the prefetch thread may replace it meanwhile
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        n = self.num_records
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        share = order[self.process_index::self.process_count]
+        if self.drop_remainder:
+            share = share[:n // self.process_count]
+        self._order_cache = (epoch, share)
+        return share
 
     # ----- per example -----
 
@@ -250,6 +252,12 @@ class InputPipeline(Iterator[dict[str, np.ndarray]]):
     def skipped(self) -> int:
         """Records skipped as unreadable so far (in the batches returned, since the run started)."""
         return self._state["skipped"]
+
+    @property
+    def damaged(self) -> list[str]:
+        """Damage the source found while indexing its files (e.g. a truncated tar), whose records
+        after the damage are lost; also logged as warnings."""
+        return list(getattr(self.source, "damaged", []))
 
     @property
     def epoch(self) -> int:
