@@ -430,6 +430,7 @@ def _restore_orbax(directory: str, shapes: Mapping[str, tuple[int, ...]], shardi
     import jax
     import orbax.checkpoint as ocp
 
+    directory = os.path.abspath(directory)  # orbax resolves relative paths against nothing useful
     checkpointer = ocp.StandardCheckpointer()
     try:
         metadata = checkpointer.metadata(directory)

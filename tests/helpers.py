@@ -112,6 +112,7 @@ def tiny_hf_dir(directory, model_type: str, *, name: str | None = None, seed: in
     config = module.hf_config(name)
     if model_type == "align":
         config.text_config.vocab_size = 30522  # the real bert-base-uncased vocab of the tokenizer
+        config.text_config.max_position_embeddings = 64  # AlignProcessor pads to 64 tokens
     cls = transformers.AlignModel if model_type == "align" else transformers.AltCLIPModel
     model = module.randomise_(cls(config).eval(), seed)
     model.save_pretrained(directory)
