@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import numpy as np
 
 from altjax.progress import Progress
+from altjax.safetensors_io import SafetensorsError, SafetensorsReader, write_safetensors
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -86,38 +88,22 @@ def check_model_type(config: Mapping[str, Any], expected: str | tuple[str, ...],
 # --- reading HF weights lazily ----------------------------------------------------------------
 
 
-class SafetensorsFile(Mapping[str, np.ndarray]):
-    """A lazy mapping over one ``.safetensors`` file: each tensor is read when it is looked up.
-
-    ``shape(key)`` reads the shape from the header without reading the tensor.
-    """
+class SafetensorsFile(SafetensorsReader):
+    """A lazy mapping over one ``.safetensors`` file (``altjax.safetensors_io``), with its errors
+    reported as ``CheckpointError``. Each tensor is read from disk when it is looked up."""
 
     def __init__(self, file: str | os.PathLike):
-        from safetensors import safe_open
-
-        self.file = os.fspath(file)
         try:
-            self._handle = safe_open(self.file, framework="np")
-            self._keys = list(self._handle.keys())
-        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-            raise CheckpointError(f"{self.file}: not a readable safetensors file ({e})") from None
+            super().__init__(file)
+        except (OSError, SafetensorsError) as e:
+            raise CheckpointError(f"{os.fspath(file)}: not a readable safetensors file "
+                                  f"({str(e).removeprefix(os.fspath(file) + ': ')})") from None
 
     def __getitem__(self, key: str) -> np.ndarray:
-        if key not in self._keys:
-            raise KeyError(key)
         try:
-            return self._handle.get_tensor(key)
-        except Exception as e:
-            raise CheckpointError(f"{self.file}: cannot read tensor {key!r} ({e})") from None
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle.get_slice(key).get_shape())
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
+            return super().__getitem__(key)
+        except (OSError, SafetensorsError) as e:
+            raise CheckpointError(f"{self.file}: cannot read tensor {key!r} ({str(e).removeprefix(self.file + ': ')})") from None
 
 
 def _torch_to_numpy(tensor) -> np.ndarray:
@@ -154,6 +140,9 @@ class TorchBinFile(Mapping[str, np.ndarray]):
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._state[key].shape)
+
+    def dtype(self, key: str) -> np.dtype:
+        return _torch_to_numpy(self._state[key].reshape(-1)[:0]).dtype
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._state)
@@ -193,8 +182,10 @@ class ShardedWeights(Mapping[str, np.ndarray]):
         return self._shard(key)[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        shard = self._shard(key)
-        return shard.shape(key) if hasattr(shard, "shape") else tuple(np.shape(shard[key]))
+        return self._shard(key).shape(key)
+
+    def dtype(self, key: str) -> np.dtype:
+        return self._shard(key).dtype(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._weight_map)
@@ -297,14 +288,13 @@ def write_hf_weights(folder: str, tensors: Mapping[str, np.ndarray], *, max_shar
     """Writes ``tensors`` (key -> array, read lazily in order) as safetensors the way transformers does.
 
     One ``model.safetensors`` up to ``max_shard_size``; above it ``model-0000i-of-0000n.safetensors``
-    shards plus ``model.safetensors.index.json``. Each shard is built from ``tensors`` when it is
-    written, so only one shard is held in memory at a time. Returns the file names written.
+    shards plus ``model.safetensors.index.json``. ``tensors`` must answer ``shape(key)`` and
+    ``dtype(key)`` (the lazy converters do): each tensor is then produced, written and dropped in
+    turn, so writing holds one tensor, not a copy of the model. Returns the file names written.
     """
-    from safetensors.numpy import save_file
-
     limit = parse_size(max_shard_size)
     keys = list(tensors)
-    sizes = {k: int(np.prod(_shape(tensors, k), dtype=np.int64)) * _itemsize(tensors, k) for k in keys}
+    sizes = {k: math.prod(tensors.shape(k)) * np.dtype(tensors.dtype(k)).itemsize for k in keys}
     shards: list[list[str]] = [[]]
     filled = 0
     for k in keys:
@@ -316,30 +306,37 @@ def write_hf_weights(folder: str, tensors: Mapping[str, np.ndarray], *, max_shar
         filled += sizes[k]
     names = ([SAFE_WEIGHTS_NAME] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+
+    class Counted(Mapping[str, np.ndarray]):
+        # Advances the progress line as the writer pulls each tensor.
+        def __getitem__(self, k):
+            value = tensors[k]
+            bar.update(sizes[k])
+            return value
+
+        def __iter__(self):
+            return iter(tensors)
+
+        def __len__(self):
+            return len(tensors)
+
+        def shape(self, k):
+            return tensors.shape(k)
+
+        def dtype(self, k):
+            return tensors.dtype(k)
+
     with Progress(sum(sizes.values()), "writing safetensors", unit="MB", scale=1e6, enabled=progress) as bar:
         for name, shard in zip(names, shards):
-            arrays = {}
-            for k in shard:
-                arrays[k] = tensors[k]
-                bar.update(sizes[k])
-            save_file(arrays, os.path.join(folder, name), metadata={"format": "pt"})
-            del arrays
+            write_safetensors(os.path.join(folder, name), Counted(), shard, metadata={"format": "pt"})
     if len(shards) > 1:
         _write_json(os.path.join(folder, SAFE_INDEX_NAME), {
             "metadata": {"total_size": sum(sizes.values()),
-                         "total_parameters": sum(s // _itemsize(tensors, k) for k, s in sizes.items())},
+                         "total_parameters": sum(math.prod(tensors.shape(k)) for k in keys)},
             "weight_map": {k: name for name, shard in zip(names, shards) for k in shard},
         })
         names.append(SAFE_INDEX_NAME)
     return names
-
-
-def _shape(tensors: Mapping[str, Any], key: str) -> tuple[int, ...]:
-    return tensors.shape(key) if hasattr(tensors, "shape") else tuple(np.shape(tensors[key]))
-
-
-def _itemsize(tensors: Mapping[str, Any], key: str) -> int:
-    return tensors.itemsize(key) if hasattr(tensors, "itemsize") else np.asarray(tensors[key]).dtype.itemsize
 
 
 # --- whole models -----------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def test_writes_are_atomic_and_refuse_existing_paths(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.numpy.save_file", fail)
+    monkeypatch.setattr("altjax.checkpoint.write_safetensors", fail)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path / "out", format="hf")
     assert not os.path.exists(tmp_path / "out"), "a failed save left a partial output directory"

@@ -124,13 +124,13 @@ class _Converted(Mapping[str, np.ndarray]):
     def shape(self, key: str) -> tuple[int, ...]:
         return self._plan[key][2]
 
-    def itemsize(self, key: str) -> int:
+    def dtype(self, key: str) -> np.dtype:
         source_key, convert, _ = self._plan[key]
         if convert.layout == "counter":
-            return 8
+            return convert(np.zeros((), np.int64)).dtype
         if hasattr(self._source, "dtype"):
-            return np.dtype(self._source.dtype(source_key)).itemsize
-        return np.asarray(self._source[source_key]).dtype.itemsize
+            return np.dtype(self._source.dtype(source_key))
+        return np.asarray(self._source[source_key]).dtype
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._plan)
