@@ -494,6 +494,7 @@ def save_model(
 def _save_orbax(directory: str, params: Mapping[str, Any]) -> None:
     import orbax.checkpoint as ocp
 
-    checkpointer = ocp.StandardCheckpointer()
+    # One tensorstore per parameter instead of OCDBT's shared store: OCDBT gathers every array
+    # into a host copy first (measured: align-base conversion peak 2.2x the checkpoint, vs 1.4x).
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
     checkpointer.save(os.path.abspath(directory), _nest(params))
-    checkpointer.wait_until_finished()
