@@ -19,8 +19,16 @@ setup(
         "orbax-checkpoint>=0.11",
         "ml_collections>=1.0",
         "numpy>=1.26",
-        "safetensors>=0.4",
         "pillow>=10",
+        "ml_dtypes",
+        # The embedded dataset and tfds input, without TensorFlow: ArrayRecord files read through
+        # tfds data sources, TFRecords framed and checksummed in altjax.data.tfrecord.
+        "tensorflow-datasets>=4.9.10",
+        "array-record>=0.8.6",
+        "google-crc32c>=1.5",
+        # tfds 4.9.10 imports it when preparing a builder defined in a package, but declares it
+        # only for Python < 3.9.
+        "importlib_resources",
     ],
     extras_require={
         # The PyTorch reference and everything the test suite needs. torch is pinned to the CPU wheel
@@ -31,6 +39,7 @@ setup(
             "sentencepiece",
             "tokenizers",
             "pytest>=8",
+            "safetensors>=0.4",  # the reference reader/writer altjax.safetensors_io is tested against
             # Real photos for the bit-exact preprocessing tests (shipped inside these packages).
             "scikit-learn",
             "scikit-image",

@@ -19,7 +19,8 @@ _LAZY = {
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in ("losses", "sharding", "conversion", "checkpoint", "models", "processing", "evaluation"):
+    if name in ("losses", "sharding", "conversion", "checkpoint", "models", "processing", "evaluation", "data",
+                "safetensors_io", "progress"):
         return importlib.import_module(f"altjax.{name}")
     raise AttributeError(f"module 'altjax' has no attribute {name!r}")
 
