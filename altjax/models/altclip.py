@@ -279,14 +279,8 @@ class AltCLIPModel(nnx.Module):
 
     def save_pretrained(self, path: str | os.PathLike, *, format: str = "altjax", max_shard_size="50GB",
                         overwrite: bool = False, progress: bool = False) -> str:
-        """Writes the model to a new directory, atomically, and returns its path.
-
-        ``format="altjax"``: ``config.json``, orbax parameters under ``params/`` and the processor
-        files of the directory the model was loaded from. ``format="hf"``: a directory that
-        transformers' ``AltCLIPModel.from_pretrained`` loads with no missing or unexpected keys
-        (safetensors, split into shards above ``max_shard_size``). An existing ``path`` is an error
-        unless ``overwrite``.
-        """
+        """Writes an altjax (orbax) or, with ``format="hf"``, a transformers ``AltCLIPModel`` directory,
+        atomically; see ``altjax.checkpoint.save_model``."""
         from altjax import checkpoint
         from altjax.conversion.altclip import altclip_table
 
