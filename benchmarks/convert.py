@@ -45,6 +45,11 @@ def make_checkpoint(name: str, directory: str) -> None:
     torch.manual_seed(0)
     if name == "align-base":
         model = transformers.AlignModel(transformers.AlignConfig(**AlignConfig.from_preset("align-base").to_hf()))
+        # transformers' default init (normal, std 0.02) makes a random EfficientNet-B7 overflow to
+        # inf; He fan-out init, as EfficientNet's authors and altjax use, keeps the embeddings finite.
+        for module in model.vision_model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, mode="fan_out")
     else:
         model = transformers.AltCLIPModel(transformers.AltCLIPConfig(**AltCLIPConfig.from_preset("altclip").to_hf()))
     tmp = directory + ".tmp"

@@ -32,12 +32,13 @@ class Comparison:
     max_rel: float
     min_cosine: float
     tolerance: float
+    nonfinite: str = ""  # which side has NaN or inf values, if any
 
     @property
     def passed(self) -> bool:
         # Embeddings are unit vectors, so absolute and relative coincide; logits are scaled by
         # 1 / temperature (about 50 for ALIGN), so they are judged relative to their magnitude.
-        return bool(np.isfinite(self.max_rel) and self.max_rel <= self.tolerance)
+        return not self.nonfinite and bool(self.max_rel <= self.tolerance)
 
 
 def compare(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray], *,
@@ -50,7 +51,8 @@ def compare(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray], *,
         diff = float(np.max(np.abs(a - b))) if a.size else 0.0
         scale = max(float(np.max(np.abs(b))) if b.size else 0.0, 1e-12)
         cos = np.sum(a * b, -1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-300)
-        rows.append(Comparison(name, a.shape, diff, diff / scale, float(np.min(cos)), tolerance))
+        nonfinite = " and ".join(side for side, x in (("altjax", a), ("transformers", b)) if not np.all(np.isfinite(x)))
+        rows.append(Comparison(name, a.shape, diff, diff / scale, float(np.min(cos)), tolerance, nonfinite))
     return rows
 
 
@@ -59,7 +61,8 @@ def format_table(rows: Sequence[Comparison]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         shape = "x".join(map(str, r.shape))
-        verdict = "ok" if r.passed else f"FAIL (> {r.tolerance:g})"
+        verdict = ("ok" if r.passed else f"FAIL ({r.nonfinite} not finite)" if r.nonfinite
+                   else f"FAIL (> {r.tolerance:g})")
         lines.append(f"{r.name:<18} {shape:<10} {r.max_abs:>13.3e} {r.max_rel:>13.3e} {r.min_cosine:>12.9f}  {verdict}")
     return "\n".join(lines)
 
