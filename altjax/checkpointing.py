@@ -1,0 +1,153 @@
+"""Training checkpoints: orbax, asynchronous, the last K kept, restored exactly, damage tolerated.
+
+A checkpoint is one orbax step directory ``<workdir>/checkpoints/<step>`` with two items:
+
+* ``state``: the whole train state (trainable and frozen parameters, BatchNorm statistics, the
+  dropout streams' keys and counters, the optimiser state, the step) as a nested dict of arrays
+  named by their paths, each written by every process in its own sharded layout.
+* ``meta``: JSON with the step, the leaf paths (so that a checkpoint of another model or optimiser
+  fails with a readable message) and every process's input pipeline state.
+
+Orbax writes a step into a temporary directory and renames it when complete, so a run killed
+while saving leaves no step directory that looks finished. A step that still fails to restore
+(a file lost or truncated afterwards) is reported as a warning and the one before it is used.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from altjax.sharding import path_to_str
+
+log = logging.getLogger("altjax.train")
+
+
+class NoUsableCheckpoint(RuntimeError):
+    """Checkpoints exist but none of them restores."""
+
+
+def _is_key(x) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+class _Layout:
+    """Paths of the train state's leaves and the conversion to / from orbax's nested dicts.
+
+    Typed PRNG keys (the dropout streams) are stored as their raw uint32 key data.
+    """
+
+    def __init__(self, state):
+        leaves, self.treedef = jax.tree_util.tree_flatten_with_path(state)
+        self.paths = [path_to_str(p) for p, _ in leaves]
+        if len(set(self.paths)) != len(self.paths):
+            raise ValueError("the train state has leaves whose paths collide")
+        self.key_impls = {p: jax.random.key_impl(x) for p, (_, x) in zip(self.paths, leaves) if _is_key(x)}
+        self.abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for _, x in leaves]
+
+    def to_tree(self, state) -> dict:
+        leaves = jax.tree.leaves(state)
+        return self.to_tree_of([jax.random.key_data(x) if p in self.key_impls else x
+                                for p, x in zip(self.paths, leaves)])
+
+    def target(self) -> dict:
+        def spec(path, x):
+            if path in self.key_impls:
+                data = jax.eval_shape(jax.random.key_data, x)
+                return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+        return self.to_tree_of([spec(p, x) for p, x in zip(self.paths, self.abstract)])
+
+    def to_tree_of(self, leaves) -> dict:
+        out: dict = {}
+        for path, leaf in zip(self.paths, leaves):
+            node = out
+            *parents, last = path.split("/")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = leaf
+        return out
+
+    def from_tree(self, tree: dict):
+        leaves = []
+        for path in self.paths:
+            node = tree
+            for part in path.split("/"):
+                node = node[part]
+            if path in self.key_impls:
+                node = jax.random.wrap_key_data(node, impl=self.key_impls[path])
+            leaves.append(node)
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+class Checkpointer:
+    """Saves and restores train states in ``directory``.
+
+    ``state``: a train state of the run (its structure, shapes and shardings are the restore
+    target; its values are not used). ``keep``: how many recent checkpoints to keep.
+    ``asynchronous``: write in the background while training goes on.
+    """
+
+    def __init__(self, directory: str, state, *, keep: int = 3, asynchronous: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.layout = _Layout(state)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                                               enable_async_checkpointing=asynchronous)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def steps(self) -> list[int]:
+        """The finished checkpoints' steps, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, data_states: list[dict[str, Any]]) -> None:
+        """Starts saving ``state`` at ``step`` with the processes' input pipeline states."""
+        meta = {"step": int(step), "paths": self.layout.paths, "data": data_states}
+        self.manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(self.layout.to_tree(state)), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def wait(self) -> None:
+        """Blocks until every started save is on disk."""
+        self.manager.wait_until_finished()
+
+    def restore_latest(self) -> Optional[tuple[int, Any, list[dict[str, Any]]]]:
+        """``(step, state, data_states)`` of the newest checkpoint that restores, or None when there
+        is no checkpoint. A checkpoint that fails is skipped with a warning; NoUsableCheckpoint
+        when every one fails."""
+        steps = self.steps()
+        for step in reversed(steps):
+            try:
+                return (step, *self._restore(step))
+            except Exception as error:  # noqa: BLE001 - any failure means this checkpoint is unusable
+                log.warning("checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
+                            self.directory, step, type(error).__name__, str(error).splitlines()[0][:300])
+        if steps:
+            raise NoUsableCheckpoint(f"none of the checkpoints {steps} in {self.directory} can be restored")
+        return None
+
+    def _restore(self, step: int):
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if meta.get("step") != step:
+            raise ValueError(f"its metadata says step {meta.get('step')}")
+        if meta.get("paths") != self.layout.paths:
+            saved, mine = set(meta.get("paths") or ()), set(self.layout.paths)
+            raise ValueError(f"it holds another train state (only in the checkpoint: {sorted(saved - mine)[:5]}, "
+                             f"only in this run: {sorted(mine - saved)[:5]})")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(self.layout.target())))["state"]
+        state = self.layout.from_tree(restored)
+        bad = [p for p, x in zip(self.layout.paths, jax.tree.leaves(state))
+               if not _is_key(x) and np.issubdtype(x.dtype, np.floating)
+               and not all(np.isfinite(np.asarray(s.data)).all() for s in x.addressable_shards)]
+        if bad:
+            raise ValueError(f"non-finite values in {bad[:3]}")
+        return state, meta["data"]
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
