@@ -391,7 +391,7 @@ def load_model(
     shardings = _sharding_of(mesh, rules)
     if is_altjax_dir(path):
         params = _restore_orbax(os.path.join(path, ALTJAX_PARAMS_DIR), engine.model_shapes(model), shardings)
-        engine.load_params(model, params, sharding=shardings, progress=progress)
+        engine.load_params(model, _Consumed(params), sharding=shardings, progress=progress)
     else:
         tensors = open_weights(path)
         params = engine.torch_to_nnx(tensors, table(config), engine.model_shapes(model),
@@ -400,6 +400,30 @@ def load_model(
     nnx.reseed(model, default=seed, dropout=seed)
     model.name_or_path = path
     return model
+
+
+class _Consumed(Mapping[str, Any]):
+    """A dict whose entries are dropped as they are read: each host array can be freed once its
+    device copy exists."""
+
+    def __init__(self, params: dict[str, Any]):
+        self._params = params
+        self._shapes = {k: tuple(np.shape(v)) for k, v in params.items()}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._params.pop(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._shapes
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -445,12 +469,20 @@ def _restore_orbax(directory: str, shapes: Mapping[str, tuple[int, ...]], shardi
                                 ("shape mismatches", bad)])
     if message:
         raise ConversionError(f"{directory} does not match the model: {message}")
-    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-    target = {k: jax.ShapeDtypeStruct(stored_shapes[k], stored[k].dtype,
-                                      sharding=shardings(k, stored_shapes[k]) if shardings else cpu)
-              for k in stored}
+    if shardings:
+        # Straight into the mesh: each device reads only its own slice.
+        target = {k: jax.ShapeDtypeStruct(stored_shapes[k], stored[k].dtype, sharding=shardings(k, stored_shapes[k]))
+                  for k in stored}
+        args = ocp.args.PyTreeRestore(item=_nest(target), restore_args=_nest(
+            {k: ocp.ArrayRestoreArgs(sharding=v.sharding) for k, v in target.items()}))
+    else:
+        # As host arrays, which load_params turns into device arrays one at a time, dropping each
+        # host copy as it goes; restoring device arrays directly would hold both trees at once.
+        target = {k: np.empty((0,), stored[k].dtype) for k in stored}
+        args = ocp.args.PyTreeRestore(item=_nest(target), restore_args=_nest(
+            {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in stored}))
     try:
-        restored = checkpointer.restore(directory, _nest(target))
+        restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(directory, args=args)
     except Exception as e:
         raise CheckpointError(f"{directory}: cannot restore the orbax checkpoint ({e})") from None
     return _flatten(restored)

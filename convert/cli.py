@@ -108,11 +108,25 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _return_freed_memory_to_the_system() -> None:
+    # Conversion allocates and frees one tensor after another, mostly 1-16 MiB. glibc raises its
+    # mmap threshold after each large free, so later tensors come from the heap, whose freed pages
+    # stay resident: converting AltCLIP peaked at 2.1x the checkpoint size. A fixed 1 MiB threshold
+    # serves every tensor-sized block by mmap, returned on free (measured: 1.5x).
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from altjax.checkpoint import CheckpointError
     from altjax.conversion.engine import ConversionError
 
     args = _parser().parse_args(argv)
+    _return_freed_memory_to_the_system()
     try:
         return convert(args)
     except (CheckpointError, ConversionError) as e:
