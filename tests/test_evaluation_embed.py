@@ -24,7 +24,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from altjax import AlignModel, AlignProcessor
+from altjax import AlignConfig, AlignModel, AlignProcessor
 from altjax.evaluation import (
     ClassificationSet,
     DatasetError,
@@ -528,3 +528,17 @@ def test_real_tfds_array_record_reader(monkeypatch, scenes_dir):
             assert ds.labels.tolist() == data["labels"].tolist() and ds.class_names == scenes.class_names("en")
         else:
             assert ds.texts == data["captions"] and ds.text_image_ids.tolist() == list(range(24))
+
+
+def test_text_length_is_capped_at_what_the_text_tower_takes():
+    from altjax import AltCLIPConfig, AltCLIPModel
+
+    model = AltCLIPModel(AltCLIPConfig.from_preset("altclip-tiny"), rngs=nnx.Rngs(0))
+    text = model.config.text_config
+    limit = text.max_position_embeddings - text.pad_token_id - 1  # XLM-R positions start after the pad id
+    processor = types.SimpleNamespace(text_defaults={"max_length": 10_000})
+    assert Embedder(model, processor).text_length == limit, "the processor's length was not capped"
+    with pytest.raises(ValueError, match=f"text_length {limit + 1} exceeds the {limit} tokens"):
+        Embedder(model, processor, text_length=limit + 1)
+    align_model = AlignModel(AlignConfig.from_preset("align-tiny"), rngs=nnx.Rngs(0))
+    assert Embedder(align_model, processor).text_length == align_model.config.text_config.max_position_embeddings

@@ -112,6 +112,21 @@ def local_mesh(mesh: Mesh) -> Mesh:
     return make_mesh(data=-1, devices=mine)
 
 
+def max_text_length(model: nnx.Module) -> int:
+    """The longest token sequence the model's text tower can position-embed.
+
+    XLM-R (AltCLIP) numbers positions from ``pad_token_id + 1``, so it takes
+    ``max_position_embeddings - pad_token_id - 1`` tokens; beyond that a lookup would silently
+    read past the table.
+    """
+    from altjax.models.xlm_roberta import XLMRobertaConfig
+
+    text = model.config.text_config
+    if isinstance(text, XLMRobertaConfig):
+        return text.max_position_embeddings - text.pad_token_id - 1
+    return text.max_position_embeddings
+
+
 class Embedder:
     """Embeds images and texts with a dual encoder over a mesh, in fixed-size global batches.
 
@@ -137,7 +152,10 @@ class Embedder:
         self.batch_size = -(-batch_size // divisor) * divisor
         self.processor = processor
         defaults = getattr(processor, "text_defaults", {}) or {}
-        self.text_length = int(text_length or defaults.get("max_length") or DEFAULT_TEXT_LENGTH)
+        limit = max_text_length(model)
+        if text_length is not None and text_length > limit:
+            raise ValueError(f"text_length {text_length} exceeds the {limit} tokens the model's text tower takes")
+        self.text_length = min(int(text_length or defaults.get("max_length") or DEFAULT_TEXT_LENGTH), limit)
         self.progress = progress and jax.process_index() == 0
         graphdef, state = nnx.split(model)
         self._graphdef = graphdef
