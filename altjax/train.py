@@ -204,7 +204,7 @@ def build_pipeline(config, tokenizer, mesh):
 
 def evaluation_sets(config) -> dict[str, Any]:
     """``{"<task>/<dataset>/<lang>": dataset}`` for ``config.eval.datasets``. The scenes sets come
-    from the scenes config the run trains on (so at its image size)."""
+    from ``config.data.scenes`` and ``config.data.data_dir`` (the scenes a demo trains on)."""
     from altjax.data import scenes
     from altjax.evaluation import ClassificationSet, RetrievalSet, evaluation_key, load_dataset
 
@@ -212,7 +212,7 @@ def evaluation_sets(config) -> dict[str, Any]:
     for spec in config.eval.datasets:
         task, name, lang = spec.split("/")
         key = evaluation_key(task, name, lang)
-        if name in ("scenes", "altjax_scenes") and config.data.source == "scenes":
+        if name in ("scenes", "altjax_scenes"):
             data = scenes.load_split(config.eval.split, data_dir=config.data.data_dir or None, lang=lang,
                                      config=scenes.scenes_config(**config.data.scenes))
             if task == "zeroshot":
@@ -381,10 +381,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             state, metrics = step_fn(state, batch)
             step += 1
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+            if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm", "update_norm")):
                 raise TrainingDiverged(
-                    f"step {step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}: training "
-                    f"diverged; nothing of this step was saved, the last good checkpoint is "
+                    f"step {step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}, update norm "
+                    f"{metrics['update_norm']}: training diverged; nothing of this step was saved, the last good checkpoint is "
                     f"{checkpointer.steps()[-1] if checkpointer.steps() else 'none'} in {checkpointer.directory}")
             progress.update(1)
             if step % int(config.log_every) == 0 or step == total:

@@ -172,7 +172,8 @@ def make_train_step(graphdef, objective: Objective, tx: optax.GradientTransforma
                     state_shardings=None, batch_sharding=None):
     """The jitted ``step(state, batch) -> (state, metrics)``; the input state is donated.
 
-    ``metrics`` holds ``loss``, ``grad_norm``, the objective's metrics and, given the
+    ``metrics`` holds ``loss``, ``grad_norm``, ``update_norm`` (finite exactly when the new
+    parameters are, barring overflow), the objective's metrics and, given the
     ``learning_rate`` schedule, the learning rate of this step. With ``state_shardings`` the
     output state has exactly the input's layout, so a restored state compiles the same program.
     """
@@ -182,7 +183,8 @@ def make_train_step(graphdef, objective: Objective, tx: optax.GradientTransforma
                                                      state["rest"], batch, mesh=mesh, accum_steps=accum_steps)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": value, "grad_norm": optax.global_norm(grads), **metrics}
+        metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
+                   **metrics}
         if learning_rate is not None:
             metrics["learning_rate"] = learning_rate(state["step"])
         new = {"params": params, "frozen": state["frozen"], "rest": rest, "opt": opt, "step": state["step"] + 1}
