@@ -298,6 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from altjax.evaluation.cli import write_results
     from altjax.models.align import AlignModel
     from altjax.progress import Progress
+    from altjax.tensorboard import EventWriter
     from altjax.train_step import init_state, make_train_step, objective_from_config
 
     workdir = os.path.abspath(workdir)
@@ -345,10 +346,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         _console(f"resumed from {checkpointer.directory}/{step}")
     metrics_log.truncate(step)
 
-    from tensorboardX import SummaryWriter
-
     # purge_step: TensorBoard drops events a previous attempt logged after the restored step.
-    writer = SummaryWriter(workdir, purge_step=step + 1 if restored else None) if primary else None
+    writer = EventWriter(workdir, purge_step=step + 1 if restored else None) if primary else None
     sets = evaluation_sets(config) if config.eval_every or config.eval.at_end else {}
 
     def run_eval(at: int) -> dict:
@@ -360,6 +359,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             for key, values in results.items():
                 for name, value in values.items():
                     writer.add_scalar(f"eval/{key}/{name}", value, at)
+            writer.flush()
             _console(f"step {at}: " + ", ".join(f"{k} {_headline(v)}" for k, v in results.items()))
         return results
 
@@ -398,6 +398,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     for name, value in last_metrics.items():
                         if name != "step":
                             writer.add_scalar(f"train/{name}", value, step)
+                    writer.flush()
                 _console(f"step {step}/{total}: loss {metrics['loss']:.4f}, lr {metrics['learning_rate']:.3g}, "
                          f"temperature {metrics.get('temperature', float('nan')):.4f}, "
                          f"{last_metrics['examples_per_sec']:.1f} examples/s, skipped {skipped}")

@@ -1,12 +1,12 @@
 """altjax-train end to end on a tiny ALIGN: exact resume after SIGTERM and SIGKILL, a damaged
 latest checkpoint, a diverging run, damaged input records, the logs and the exported model.
 
-One reference run (in this process, 8 simulated devices, with evaluations) is shared: the other
-runs must reproduce its ``metrics.jsonl`` losses exactly, step for step.
+Every run is an ``altjax-train`` process on 8 simulated CPU devices. One reference run (with
+evaluations) is shared: an interrupted run must reproduce its ``metrics.jsonl`` losses exactly,
+step for step. The runs share a JAX compilation cache, so only the first one compiles.
 """
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -64,11 +64,27 @@ def overrides(data, *extra):
     return TINY + data + list(extra)
 
 
-def run_cli(workdir, data, *extra, **popen):
-    env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")  # as tests/conftest.py sets in-process
+def jax_cache(tmp_path_factory) -> str:
+    """A compilation cache for this test session's training processes (test_demo.py shares it)."""
+    return str(tmp_path_factory.getbasetemp() / "jax-cache")
+
+
+def cli_env(cache: str) -> dict:
+    return dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest",  # as tests/conftest.py sets in-process
+                JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def run_cli(workdir, data, cache, *extra):
     cmd = [sys.executable, "-m", "altjax.train", "--config", DEMO, "--workdir", str(workdir)]
     cmd += [f"--config.{o}" for o in overrides(data, *extra)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(cmd, env=cli_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process, what: str, code: int = 0) -> str:
+    out = process.communicate(timeout=300)[0]
+    assert process.returncode == code, f"{what}: exit status {process.returncode}, expected {code}\n{out}"
+    return out
 
 
 def losses(workdir):
@@ -86,13 +102,12 @@ def assert_same_losses(workdir, reference, what):
 def reference(tmp_path_factory, data):
     """The uninterrupted run, with evaluations every 12 steps and at the end."""
     workdir = tmp_path_factory.mktemp("reference")
-    config = train.load_config(DEMO, overrides(data, "eval_every=12", "eval.at_end=true"))
-    result = train.train(config, str(workdir))
-    return workdir, result
+    finish(run_cli(workdir, data, jax_cache(tmp_path_factory), "eval_every=12", "eval.at_end=true"), "reference run")
+    return workdir
 
 
 def test_reference_run_writes_logs_evaluations_and_model(reference):
-    workdir, result = reference
+    workdir = reference
     records = train.read_metrics(str(workdir))
     assert [r["step"] for r in records] == list(range(1, TOTAL + 1)), f"steps logged {[r['step'] for r in records]}"
     for key in ("loss", "learning_rate", "temperature", "examples_per_sec", "skipped_examples", "grad_norm"):
@@ -137,81 +152,63 @@ def test_reference_run_writes_logs_evaluations_and_model(reference):
     assert abs(float(model.temperature[...]) - records[-1]["temperature"]) < 1e-2, "exported temperature"
 
 
-def test_sigterm_then_sigkill_then_resume_gives_the_same_losses(reference, data, tmp_path):
-    workdir = tmp_path / "run"
-    rng = np.random.default_rng()
+def test_preempted_diverged_killed_and_damaged_run_ends_like_the_uninterrupted_one(reference, data, tmp_path,
+                                                                                  tmp_path_factory):
+    workdir, cache = tmp_path / "run", jax_cache(tmp_path_factory)
     ckpts = workdir / "checkpoints"
+    rng = np.random.default_rng()
 
     def steps():
         return sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if ckpts.is_dir() else []
+
+    def logged():
+        return [s for s, _ in losses(workdir)] if (workdir / "metrics.jsonl").exists() else []
 
     def wait_for(condition, process, what):
         deadline = time.time() + 120
         while not condition():
             assert process.poll() is None, f"the run ended ({process.returncode}) before {what}: {process.stdout.read()}"
             assert time.time() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.02)
+            time.sleep(0.005)
 
-    # Preemption: SIGTERM after the first checkpoint saves the current step and exits 143.
-    first = run_cli(workdir, data)
-    wait_for(lambda: bool(steps()), first, "the first checkpoint")
-    first.send_signal(signal.SIGTERM)
-    out = first.communicate(timeout=120)[0]
-    assert first.returncode == train.SIGTERM_EXIT, f"SIGTERM: exit {first.returncode}\n{out}"
-    logged = [s for s, _ in losses(workdir)]
-    assert "SIGTERM: saved step" in out and steps()[-1] == logged[-1], (
-        f"SIGTERM: checkpoints {steps()} but the last logged step is {logged[-1]}")
-    terminated_at = steps()[-1]
+    # 1. Preemption: SIGTERM after the first checkpoint saves the current step and exits 143.
+    run = run_cli(workdir, data, cache)
+    wait_for(lambda: steps() and len(logged()) > steps()[0], run, "a step after the first checkpoint")
+    run.send_signal(signal.SIGTERM)
+    out = finish(run, "SIGTERM", train.SIGTERM_EXIT)
+    assert "SIGTERM: saved step" in out and steps()[-1] == logged()[-1], (
+        f"SIGTERM: checkpoints {steps()} but the last logged step is {logged()[-1]}")
+    preempted = steps()[-1]
 
-    # A hard kill at a random moment of the resumed run.
-    delay = float(rng.uniform(0.0, 1.5))
-    second = run_cli(workdir, data)
-    wait_for(lambda: len(losses(workdir)) > terminated_at if (workdir / "metrics.jsonl").exists() else False,
-             second, "the resumed run's first step")
-    time.sleep(delay)
-    second.kill()
-    second.communicate(timeout=60)
-    killed_at = len(losses(workdir))
+    # 2. Divergence: an infinite learning rate stops the resumed run at its first step, exit 1,
+    # with nothing of that step saved.
+    before = steps()
+    out = finish(run_cli(workdir, data, cache, "optimizer.learning_rate=inf"), "diverging run", 1)
+    assert f"step {preempted + 1}:" in out and "training diverged" in out and (
+        f"last good checkpoint is {preempted} " in out), f"divergence message:\n{out}"
+    assert steps() == before and logged() == list(range(1, preempted + 1)), (
+        f"after divergence: checkpoints {steps()} (were {before}), logged steps end at {logged()[-1:]}")
 
-    third = run_cli(workdir, data)
-    out = third.communicate(timeout=300)[0]
-    assert third.returncode == 0, f"resume after SIGKILL: exit {third.returncode}\n{out}"
-    assert f"resumed from {ckpts}" in out, f"the last run did not resume:\n{out}"
-    assert_same_losses(workdir, reference[0],
-                       f"SIGTERM at step {terminated_at}, SIGKILL {delay:.2f}s into the resumed run (step {killed_at})")
+    # 3. A hard kill after a random number of steps of the resumed run.
+    kill_after = preempted + int(rng.integers(1, TOTAL - preempted - 3))
+    run = run_cli(workdir, data, cache)
+    wait_for(lambda: len(logged()) >= kill_after, run, f"step {kill_after}")
+    time.sleep(float(rng.uniform(0.0, 0.03)))
+    run.kill()
+    run.communicate(timeout=60)
+    assert run.returncode == -signal.SIGKILL, f"the run ended ({run.returncode}) before SIGKILL at step {kill_after}"
+    killed = f"SIGTERM at step {preempted}, SIGKILL at step {logged()[-1]} (checkpoints {steps()})"
 
-
-def test_damaged_latest_checkpoint_falls_back_with_a_warning(reference, data, tmp_path, caplog):
-    workdir = tmp_path / "damaged"
-    shutil.copytree(reference[0], workdir)
-    shutil.rmtree(workdir / "model")
-    # Truncate every array file of the newest checkpoint, as a disk that filled up would.
-    latest = workdir / "checkpoints" / str(TOTAL)
-    truncated = 0
-    for folder, _, files in os.walk(latest / "state"):
+    # 4. The newest checkpoint damaged (its array files emptied, as by a full disk): the run warns,
+    # resumes from the one before, and ends with the uninterrupted run's losses.
+    damaged = steps()[-1]
+    emptied = 0
+    for folder, _, files in os.walk(ckpts / str(damaged) / "state"):
         for name in files:
             if not name.endswith(".json") and not name.startswith("_"):
                 open(os.path.join(folder, name), "wb").close()
-                truncated += 1
-    assert truncated, f"found no array files to damage under {latest}"
-    with caplog.at_level("WARNING", logger="altjax.train"):
-        train.train(train.load_config(DEMO, overrides(data)), str(workdir))
-    warned = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
-    assert warned and f"/{TOTAL} cannot be restored" in warned[0], f"warnings: {warned}"
-    assert_same_losses(workdir, reference[0], "resumed from the checkpoint before a damaged one")
-
-
-def test_diverging_run_stops_keeps_the_last_good_checkpoint(reference, data, tmp_path, capsys):
-    workdir = tmp_path / "diverged"
-    shutil.copytree(reference[0], workdir)
-    shutil.rmtree(workdir / "checkpoints" / str(TOTAL))
-    shutil.rmtree(workdir / "checkpoints" / str(TOTAL - 4))  # the newest left is step 16
-    before = sorted(os.listdir(workdir / "checkpoints"))
-    args = ["--config", DEMO, "--workdir", str(workdir)] + [f"--config.{o}" for o in overrides(data)]
-    code = train.main(args + ["--config.optimizer.learning_rate=inf", "--config.optimizer.warmup_steps=0"])
-    err = capsys.readouterr().err
-    assert code == 1, f"exit status {code} for a diverging run\n{err}"
-    assert "step 17:" in err and "training diverged" in err and "last good checkpoint is 16" in err, err
-    after = sorted(os.listdir(workdir / "checkpoints"))
-    assert after == before, f"checkpoints changed from {before} to {after}"
-    assert [s for s, _ in losses(workdir)] == list(range(1, 17)), "metrics.jsonl has steps after the last good one"
+                emptied += 1
+    assert emptied, f"found no array files to damage in checkpoint {damaged}"
+    out = finish(run_cli(workdir, data, cache), f"resume after {killed}")
+    assert f"/{damaged} cannot be restored" in out and f"resumed from {ckpts}/" in out, f"no fallback:\n{out}"
+    assert_same_losses(workdir, reference, f"{killed}, checkpoint {damaged} damaged")

@@ -1,0 +1,82 @@
+"""TensorBoard event files for scalars, written without TensorFlow, tensorboardX or torch.
+
+An event file is a TFRecord file (:mod:`altjax.data.tfrecord` framing) of ``tensorflow.Event``
+protocol buffers. Only the few fields scalars need are encoded, by hand:
+
+    Event:       wall_time = 1 (double), step = 2 (int64), file_version = 3 (string),
+                 summary = 5 (Summary), session_log = 6 (SessionLog)
+    Summary:     value = 1 (repeated Value)
+    Value:       tag = 1 (string), simple_value = 2 (float)
+    SessionLog:  status = 1 (enum; START = 1)
+
+A resumed run passes ``purge_step``: the file starts with a SessionLog START at that step, which
+tells TensorBoard to drop what earlier files logged at that step and after (the steps the run
+repeats after going back to its checkpoint).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from typing import Optional
+
+from altjax.data.tfrecord import frame
+
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # int64 fields are encoded as their two's complement
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _bytes_field(number: int, data: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def _event(step: int, *, file_version: Optional[str] = None, summary: Optional[bytes] = None,
+           session_start: bool = False) -> bytes:
+    out = _varint(1 << 3 | 1) + struct.pack("<d", time.time()) + _varint(2 << 3) + _varint(step)
+    if file_version is not None:
+        out += _bytes_field(3, file_version.encode())
+    if summary is not None:
+        out += _bytes_field(5, summary)
+    if session_start:
+        out += _bytes_field(6, _varint(1 << 3) + _varint(1))
+    return out
+
+
+def scalar_summary(tag: str, value: float) -> bytes:
+    """A ``Summary`` holding one scalar."""
+    value_message = _bytes_field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", float(value))
+    return _bytes_field(1, value_message)
+
+
+class EventWriter:
+    """Appends scalar events to a new event file in ``logdir`` (what TensorBoard reads)."""
+
+    def __init__(self, logdir: str, *, purge_step: Optional[int] = None):
+        os.makedirs(logdir, exist_ok=True)
+        self.path = os.path.join(logdir, f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}")
+        self._file = open(self.path, "ab")
+        self._write(_event(0, file_version="brain.Event:2"))
+        if purge_step is not None:
+            self._write(_event(purge_step, session_start=True))
+        self.flush()
+
+    def _write(self, event: bytes) -> None:
+        self._file.write(frame(event))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        """Logs ``value`` under ``tag`` at ``step``."""
+        self._write(_event(step, summary=scalar_summary(tag, value)))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
