@@ -395,7 +395,7 @@ def load_model(
     else:
         tensors = open_weights(path)
         params = engine.torch_to_nnx(tensors, table(config), engine.model_shapes(model),
-                                     source=getattr(tensors, "file", path))
+                                     source=getattr(tensors, "file", path), lazy=True)
         engine.load_params(model, params, sharding=shardings, progress=progress)
     nnx.reseed(model, default=seed, dropout=seed)
     model.name_or_path = path
@@ -517,7 +517,7 @@ def save_model(
         if format == "altjax":
             _save_orbax(os.path.join(tmp, ALTJAX_PARAMS_DIR), {k: v.get_value() for k, v in variables.items()})
         else:
-            tensors = engine.nnx_to_torch(engine.LazyVariables(variables), table(model.config), on_disk=True)
+            tensors = engine.nnx_to_torch(engine.LazyVariables(variables), table(model.config), on_disk=True, lazy=True)
             write_hf_weights(tmp, tensors, max_shard_size=max_shard_size, progress=progress)
         copy_processor_files(source, tmp)
     return os.path.abspath(os.fspath(path))

@@ -105,11 +105,12 @@ class _CountingReader(dict):
 
 def test_conversion_checks_shapes_from_headers_and_reads_each_tensor_only_when_asked():
     reader = _CountingReader(_state(np.random.default_rng(6)))
-    params = torch_to_nnx(reader, TABLE, SHAPES)
+    params = torch_to_nnx(reader, TABLE, SHAPES, lazy=True)
     assert _CountingReader.reads == 0, f"{_CountingReader.reads} tensors read before any was asked for"
     params["stem.kernel"]
     assert _CountingReader.reads == 1, f"reading one parameter read {_CountingReader.reads} tensors"
     bad = _CountingReader(_state(np.random.default_rng(6)))
     dict.__setitem__(bad, "stem.weight", np.zeros((4, 3, 5, 4), np.float32))
     with pytest.raises(ConversionError, match=r"stem\.weight: checkpoint has \(4, 3, 5, 4\), the model expects \(4, 3, 5, 5\)"):
-        torch_to_nnx(bad, TABLE, SHAPES)
+        torch_to_nnx(bad, TABLE, SHAPES, lazy=True)
+    assert isinstance(torch_to_nnx(reader, TABLE, SHAPES), dict), "the default result should be a plain dict"

@@ -155,13 +155,15 @@ def torch_to_nnx(
     expected_shapes: Mapping[str, tuple[int, ...]],
     *,
     source: str = "checkpoint",
+    lazy: bool = False,
 ) -> Mapping[str, np.ndarray]:
     """Converts a PyTorch state dict (any mapping of key -> array, read lazily one key at a time).
 
     ``expected_shapes`` maps each NNX path to its shape in the target model. Every key and shape is
-    checked first (shapes from file headers where the reader offers them); then a mapping NNX path
-    -> NumPy array (the checkpoint's dtype) is returned that reads and converts each tensor when it
-    is looked up. Raises ``ConversionError`` naming every missing, unexpected or wrongly shaped key
+    checked first (shapes from file headers where the reader offers them). Returns NNX path -> NumPy
+    array (the checkpoint's dtype): a dict, or with ``lazy`` a mapping that reads and converts each
+    tensor when it is looked up (and never keeps it), so that a consumer dropping each tensor in
+    turn holds one at a time. Raises ``ConversionError`` naming every missing, unexpected or wrongly shaped key
     (shapes given in the PyTorch layout, source vs expected).
     """
     canonical: dict[str, str] = {}
@@ -196,15 +198,20 @@ def torch_to_nnx(
             continue
         plan[row.nnx] = (key, _converter(row.layout, 0), want)
     _raise_if([("shape mismatches", mismatched)], f"{source} does not match the model")
-    return _Converted(tensors, plan)
+    converted = _Converted(tensors, plan)
+    return converted if lazy else dict(converted)
 
 
-def nnx_to_torch(params: Mapping[str, Any], table: Table, *, on_disk: bool = True) -> Mapping[str, np.ndarray]:
+def nnx_to_torch(params: Mapping[str, Any], table: Table, *, on_disk: bool = True,
+                 lazy: bool = False) -> Mapping[str, np.ndarray]:
     """Converts NNX parameters (dotted path -> array) to a PyTorch state dict of NumPy arrays.
 
     With ``on_disk`` the keys take the spelling transformers writes to disk (``table.disk_renames``);
-    otherwise the in-memory ``state_dict()`` spelling. The result converts each tensor when it is
-    looked up (keys in table order), so writing it shard by shard holds one shard in memory.
+    otherwise the in-memory ``state_dict()`` spelling. Returns a dict in table order, or with
+    ``lazy`` a mapping that converts each tensor when it is looked up (with ``shape``/``dtype``
+    answered without converting), so a writer streaming it holds one tensor at a time. Lazy values
+    are fresh arrays on every lookup: hand a consumer that keeps raw pointers (safetensors'
+    ``save_file``) the dict, not the lazy mapping.
     """
     needed = {r.nnx for r in table.rows}
     missing = sorted(needed - set(params))
@@ -216,7 +223,8 @@ def nnx_to_torch(params: Mapping[str, Any], table: Table, *, on_disk: bool = Tru
         backward = LAYOUTS[row.layout][1]
         shape = tuple(backward(np.empty(_shape(params, row.nnx), dtype=np.uint8)).shape)
         plan[key] = (row.nnx, _converter(row.layout, 1), shape)
-    return _Converted(params, plan)
+    converted = _Converted(params, plan)
+    return converted if lazy else dict(converted)
 
 
 # --- NNX models as flat dicts -------------------------------------------------------------------
