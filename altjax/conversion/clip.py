@@ -4,14 +4,22 @@
 ``embeddings.*``, ``pre_layrnorm.*``, ``encoder.layers.{i}.*``, ``post_layernorm.*``);
 ``clip_text_rows`` covers ``CLIPTextModel``. Both use the in-memory spelling ``encoder.layers.{i}``;
 AltCLIP checkpoints saved by transformers 5 write ``encoder.layer.{i}``, an alias that belongs to
-AltCLIP's table. ``clip_teacher_table`` reads the text tower and ``text_projection`` of a
-``CLIPModel`` (or ``CLIPTextModelWithProjection``) checkpoint and ignores the rest.
+AltCLIP's table. ``clip_table`` covers the whole ``CLIPModel`` (``altjax.models.clip``): both
+towers, both projections and ``logit_scale``; transformers has no key renames for CLIP, so its
+files hold the state-dict spelling. ``clip_teacher_table`` reads the text tower and
+``text_projection`` of a ``CLIPModel`` (or ``CLIPTextModelWithProjection``) checkpoint and ignores
+the rest.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from altjax.conversion.engine import Row, Table, prefixed
 from altjax.models.clip_text import CLIPTextConfig
 from altjax.models.vit import CLIPVisionConfig
+
+if TYPE_CHECKING:
+    from altjax.models.clip import CLIPConfig
 
 
 def _linear(name: str) -> list[Row]:
@@ -50,6 +58,12 @@ TEXT_HEAD = _layer_norm("final_layer_norm")
 
 # The embeddings' non-persistent ``position_ids`` buffer, which older checkpoints still contain.
 IGNORED_BUFFERS = (r"embeddings\.position_ids$",)
+# CLIPModel's head, on the model itself.
+HEAD = [
+    Row("visual_projection.weight", "visual_projection.kernel", "linear"),
+    Row("text_projection.weight", "text_projection.kernel", "linear"),
+    Row("logit_scale", "logit_scale"),
+]
 # What a CLIPModel checkpoint holds besides the teacher (text tower + text_projection).
 NOT_TEACHER = (r"^vision_model\.", r"^visual_projection\.", r"^logit_scale$")
 
@@ -88,3 +102,16 @@ def clip_teacher_table(config: CLIPTextConfig) -> Table:
     rows = prefixed(clip_text_rows(config), "text_model.", "text_model.")
     rows.append(Row("text_projection.weight", "text_projection.kernel", "linear"))
     return Table(rows=tuple(rows), ignore=NOT_TEACHER + IGNORED_BUFFERS)
+
+
+def clip_table(config: CLIPConfig) -> Table:
+    """Every tensor of ``CLIPModel``: the text tower under ``text_model.``, the vision tower under
+    ``vision_model.``, both projections and the logit scale. Stale ``position_ids`` buffers of
+    either tower are ignored on import."""
+    rows = (
+        prefixed(clip_text_rows(config.text_config), "text_model.", "text_model.")
+        + prefixed(clip_vision_rows(config.vision_config), "vision_model.", "vision_model.")
+        + HEAD
+    )
+    ignore = tuple(rf"^{tower}\." + p for tower in ("text_model", "vision_model") for p in IGNORED_BUFFERS)
+    return Table(rows=tuple(rows), ignore=ignore)

@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from altjax import losses
-from altjax.models import layers
+from altjax.models import heads, layers
 from altjax.models.configuration import config_from_hf, config_to_hf
 from altjax.models.outputs import DualEncoderOutput
 from altjax.models.vit import CLIPVision, CLIPVisionConfig
@@ -125,19 +124,6 @@ def _altclip_tiny() -> AltCLIPConfig:
 PRESETS = {"altclip": _altclip, "altclip-b32": _altclip_b32, "altclip-tiny": _altclip_tiny}
 
 
-def _projection(din: int, dout: int, factor: float, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    # transformers' init for both projections: no bias, N(0, din^-0.5 * initializer_factor).
-    return nnx.Linear(
-        din,
-        dout,
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nnx.initializers.normal(din**-0.5 * factor),
-        rngs=rngs,
-    )
-
-
 class AltCLIPModel(nnx.Module):
     """AltCLIP dual encoder with the attribute names of transformers' ``AltCLIPModel``.
 
@@ -154,10 +140,10 @@ class AltCLIPModel(nnx.Module):
         self.text_model = AltCLIPText(config.text_config, dtype=dtype, rngs=rngs)
         self.vision_model = CLIPVision(config.vision_config, dtype=dtype, rngs=rngs)
         factor = config.initializer_factor
-        self.visual_projection = _projection(
+        self.visual_projection = heads.projection(
             config.vision_config.hidden_size, config.projection_dim, factor, dtype=dtype, rngs=rngs
         )
-        self.text_projection = _projection(
+        self.text_projection = heads.projection(
             config.text_config.project_dim, config.projection_dim, factor, dtype=dtype, rngs=rngs
         )
         self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, dtype=jnp.float32))
@@ -234,23 +220,13 @@ class AltCLIPModel(nnx.Module):
         text_out, text_features = self._text(
             input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states
         )
-        image_embeds = layers.l2_normalize(image_features.astype(jnp.float32))
-        text_embeds = layers.l2_normalize(text_features.astype(jnp.float32))
-        scale = jnp.exp(self.logit_scale[...])
-        logits_per_text = (text_embeds @ image_embeds.T) * scale
-        loss = None
-        if return_loss:
-            loss = losses.contrastive_loss(
-                image_embeds, text_embeds, kind="softmax", logit_scale=scale, label_smoothing=0.0
-            )
-        return DualEncoderOutput(
-            logits_per_image=logits_per_text.T,
-            logits_per_text=logits_per_text,
-            text_embeds=text_embeds,
-            image_embeds=image_embeds,
-            text_model_output=text_out,
+        return heads.contrastive_output(
+            image_features,
+            text_features,
+            self.logit_scale[...],
             vision_model_output=vision_out,
-            loss=loss,
+            text_model_output=text_out,
+            return_loss=return_loss,
         )
 
     @classmethod
