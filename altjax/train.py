@@ -43,6 +43,8 @@ import numpy as np
 log = logging.getLogger("altjax.train")
 
 SIGTERM_EXIT = 128 + signal.SIGTERM
+# The repository's configs/ (recipes and demos), beside the package in a source checkout.
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 class TrainingDiverged(RuntimeError):
@@ -285,9 +287,10 @@ def _console(line: str) -> None:
 # ----- the loop -----
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains (or resumes) ``config`` in ``workdir``; returns ``{"step", "metrics", "eval"}`` of
-    the last step. Raises TrainingDiverged on a non-finite loss; exits the process with
-    :data:`SIGTERM_EXIT` after saving when SIGTERM arrives."""
+    """Trains (or resumes) ``config`` in ``workdir``; returns ``{"step", "metrics", "eval",
+    "eval_start"}``: the last step, its logged metrics, the last evaluation and the one before
+    training (``config.eval.at_start``, on a fresh run). Raises TrainingDiverged on a non-finite
+    loss; exits the process with :data:`SIGTERM_EXIT` after saving when SIGTERM arrives."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -348,7 +351,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     # purge_step: TensorBoard drops events a previous attempt logged after the restored step.
     writer = EventWriter(workdir, purge_step=step + 1 if restored else None) if primary else None
-    sets = evaluation_sets(config) if config.eval_every or config.eval.at_end else {}
+    sets = evaluation_sets(config) if config.eval_every or config.eval.at_end or config.eval.at_start else {}
 
     def run_eval(at: int) -> dict:
         model = nnx.merge(graphdef, state["params"], state["frozen"], state["rest"])
@@ -372,10 +375,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     terminated = []
     previous = signal.signal(signal.SIGTERM, lambda *_: terminated.append(True)) if _main_thread() else None
-    progress = Progress(total, "training", unit="steps")
-    progress.count = step
-    last, last_time, last_metrics, eval_results = step, time.perf_counter(), {}, {}
+    eval_results, eval_start = {}, {}
+    progress = None
     try:
+        if config.eval.at_start and sets and step == 0:
+            eval_start = run_eval(0)
+        progress = Progress(total, "training", unit="steps")
+        progress.count = step
+        last, last_time, last_metrics = step, time.perf_counter(), {}
         while step < total:
             batch = sharding.shard_batch(next(pipeline), mesh)
             state, metrics = step_fn(state, batch)
@@ -419,14 +426,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         model.name_or_path = processor_dir
         model.save_pretrained(export, overwrite=True)
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
         pipeline.close()
         checkpointer.close()
         if writer is not None:
             writer.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    return {"step": step, "metrics": last_metrics, "eval": eval_results}
+    return {"step": step, "metrics": last_metrics, "eval": eval_results, "eval_start": eval_start}
 
 
 def _main_thread() -> bool:

@@ -83,5 +83,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.datasets = ()
     c.eval.split = ""
     c.eval.batch_size = 1024
+    c.eval.at_start = False
     c.eval.at_end = False
     return c

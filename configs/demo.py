@@ -80,5 +80,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.datasets = ("retrieval/scenes/en", "zeroshot/scenes/en")
     c.eval.split = "test"
     c.eval.batch_size = 250
+    c.eval.at_start = True
     c.eval.at_end = True
     return c

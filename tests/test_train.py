@@ -28,7 +28,7 @@ DAMAGED = (5, 40)  # records whose image bytes are not an image
 # and drop-connect on, so that the dropout keys are part of what must resume exactly.
 TINY = [
     f"total_steps={TOTAL}", "batch_size=8", "log_every=1", "checkpoint_every=4", "keep_checkpoints=3",
-    "eval_every=0", "eval.at_end=false",
+    "eval_every=0", "eval.at_start=false", "eval.at_end=false",
     "model.projection_dim=16",
     "model.text={'vocab_size': -1, 'hidden_size': 16, 'num_hidden_layers': 1, 'num_attention_heads': 2, "
     "'intermediate_size': 32, 'max_position_embeddings': 16, 'hidden_dropout_prob': 0.1, "
