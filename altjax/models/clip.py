@@ -211,18 +211,22 @@ class CLIPModel(nnx.Module):
         ``text_embeds @ image_embeds.T * exp(logit_scale)`` and ``logits_per_image``, its
         transpose; with ``return_loss``, the symmetric cross-entropy (texts and images paired by
         index). ``text_model_output.last_hidden_state`` is (B, L, D) after ``final_layer_norm``;
-        ``vision_model_output.last_hidden_state`` is (B, N+1, D), not post-normed.
+        ``vision_model_output.last_hidden_state`` is (B, N+1, D), not post-normed. As in
+        transformers 5, both towers' ``pooler_output`` are the unnormalised projected features
+        (``get_text_features`` / ``get_image_features``), not the towers' pooled states.
         """
         if input_ids is None or pixel_values is None:
             raise ValueError("CLIPModel needs both input_ids and pixel_values")
         vision_out, image_features = self._vision(pixel_values, interpolate_pos_encoding, output_hidden_states)
         text_out, text_features = self._text(input_ids, attention_mask, position_ids, output_hidden_states)
+        # transformers 5's CLIPModel.forward reuses get_*_features' outputs, whose pooler_output is
+        # the projected features (AltCLIPModel keeps the towers' own).
         return heads.contrastive_output(
             image_features,
             text_features,
             self.logit_scale[...],
-            vision_model_output=vision_out,
-            text_model_output=text_out,
+            vision_model_output=vision_out.replace(pooler_output=image_features),
+            text_model_output=text_out.replace(pooler_output=text_features),
             return_loss=return_loss,
         )
 
