@@ -141,21 +141,18 @@ def tiny(request):
                 logit_scale=TINY[name]["logit_scale"])
 
 
-def test_eval_matches_torch(tiny):
-    out = jitted(convert(tiny["state"], tiny["cfg"]), return_loss=True)(**tiny["text"], pixel_values=tiny["pixels"])
-    check_outputs(out, tiny["ref"], tiny["logit_scale"], what=f"{tiny['name']} eval")
-
-
-def test_features_match_and_normalise_to_the_embeddings(tiny):
+def test_eval_outputs_and_features_match_torch(tiny):
     graphdef, state = nnx.split(convert(tiny["state"], tiny["cfg"]))
 
     @jax.jit
-    def features(state, pixels, text):
+    def run(state, pixels, text):
         model = nnx.merge(graphdef, state)
-        return model.get_image_features(pixels), model.get_text_features(**text), model.get_text_features(text["input_ids"])
+        return (model(**text, pixel_values=pixels, return_loss=True), model.get_image_features(pixels),
+                model.get_text_features(**text), model.get_text_features(text["input_ids"]))
 
     tm, (text, pixels) = tiny["tm"], (tiny["text"], tiny["pixels"])
-    image_features, text_features, unmasked = features(state, pixels, text)
+    out, image_features, text_features, unmasked = run(state, pixels, text)
+    check_outputs(out, tiny["ref"], tiny["logit_scale"], what=f"{tiny['name']} eval")
     d = tiny["cfg"].projection_dim
     assert image_features.shape == (3, d) and text_features.shape == (3, d), (image_features.shape, text_features.shape)
     with torch.no_grad():
@@ -185,12 +182,18 @@ def test_interpolated_position_encoding_at_a_larger_nchw_image():
     check_outputs(out, ref, TINY[name]["logit_scale"], what=f"{name} NCHW, interpolated at {size}px")
 
 
-def test_bf16_compute_is_close(tiny):
-    model = convert(tiny["state"], tiny["cfg"], dtype=jnp.bfloat16)
-    out = jitted(model)(**tiny["text"], pixel_values=tiny["pixels"])
+@pytest.mark.parametrize("name", ["p8-32px-eos-last", "p6-30px-legacy-eos2-gelu"])
+def test_bf16_compute_is_close(name):
+    tm = randomise_(transformers.CLIPModel(hf_config(name)), seed=12).eval()
+    cfg = CLIPConfig.from_hf(tm.config.to_dict())
+    text, pixels = make_inputs(cfg, cfg.vision_config.image_size, seed=13)
+    with torch.no_grad():
+        ref = tm(**torch_inputs(text, pixels))
+    model = convert(torch_state(tm), cfg, dtype=jnp.bfloat16)
+    out = jitted(model)(**text, pixel_values=pixels)
     for field in ("image_embeds", "text_embeds"):
-        worst = float(np.min(cosine(getattr(out, field), getattr(tiny["ref"], field))))
-        assert worst >= 0.999, f"{tiny['name']} bf16 {field}: lowest cosine to fp32 torch {worst:.6f} < 0.999"
+        worst = float(np.min(cosine(getattr(out, field), getattr(ref, field))))
+        assert worst >= 0.999, f"{name} bf16 {field}: lowest cosine to fp32 torch {worst:.6f} < 0.999"
     assert out.text_model_output.last_hidden_state.dtype == jnp.bfloat16, "compute dtype is not bfloat16"
     assert all(v.dtype == jnp.float32 for v in engine.model_params(model).values()), "bf16 model has non-fp32 parameters"
 
@@ -224,13 +227,12 @@ def test_train_mode_loss_and_gradients(name):
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    @jax.jit
     def loss_fn(params, inputs):
         out = nnx.merge(graphdef, params, rest)(**inputs, return_loss=True)
         return out.loss, out
 
     inputs = {k: jnp.asarray(v) for k, v in text.items()} | {"pixel_values": jnp.asarray(pixels)}
-    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, inputs)
+    (_, out), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, inputs)
     with torch.no_grad():
         check_outputs(out, ref, TINY[name]["logit_scale"], what=f"{name} train")
 
@@ -376,10 +378,18 @@ def test_config_round_trip_legacy_dicts_and_presets():
         CLIPConfig.from_preset("clip-vit-h14")
 
 
+@pytest.fixture(scope="module")
+def abstract_b32():
+    """The "clip-vit-b32" config and its abstract model (tracing the full-size init takes seconds)."""
+    cfg = CLIPConfig.from_preset("clip-vit-b32")
+    return cfg, nnx.eval_shape(lambda: CLIPModel(cfg))
+
+
 @pytest.mark.parametrize("preset", ["clip-vit-b32", "clip-vit-l14"])
-def test_full_size_parameter_counts_and_keys(preset):
+def test_full_size_parameter_counts_and_keys(preset, abstract_b32):
     cfg = CLIPConfig.from_preset(preset)
-    shapes = engine.model_shapes(nnx.eval_shape(lambda: CLIPModel(cfg)))
+    model = abstract_b32[1] if preset == "clip-vit-b32" else nnx.eval_shape(lambda: CLIPModel(cfg))
+    shapes = engine.model_shapes(model)
     with torch.device("meta"):
         tm = transformers.CLIPModel(transformers.CLIPConfig(**cfg.to_hf()))
     table = clip_table(cfg)
@@ -411,9 +421,9 @@ def test_tiny_preset_matches_transformers_at_64px():
     assert abs(float(out.loss) - np.log(4)) < 0.5, f"fresh clip-tiny loss {float(out.loss):.3f} far from log 4"
 
 
-def test_full_size_vit_b32_fp32_matches():
+def test_full_size_vit_b32_fp32_matches(abstract_b32):
     """The "clip-vit-b32" preset (151M parameters) at batch 2, 77 tokens padded with end-of-text."""
-    cfg = CLIPConfig.from_preset("clip-vit-b32")
+    cfg, model = abstract_b32
     with no_init_weights():  # randomise_ overwrites every parameter; skipping the init saves seconds
         tm = transformers.CLIPModel(transformers.CLIPConfig(**cfg.to_hf()))
     randomise_(tm, seed=10).eval()
@@ -425,8 +435,11 @@ def test_full_size_vit_b32_fp32_matches():
     pixels = rng.normal(size=(2, 224, 224, 3)).astype(np.float32)
     with torch.no_grad():
         ref = tm(**torch_inputs(text, pixels), return_loss=True)
-    model = convert({k: v.numpy() for k, v in tm.state_dict().items()}, cfg)
-    del tm
+    # Views of the torch tensors (no copy); once loaded, the model holds the only copy.
+    views = {k: v.numpy() for k, v in tm.state_dict().items()}
+    engine.load_params(model, engine.torch_to_nnx(views, clip_table(cfg), engine.model_shapes(model)))
+    nnx.reseed(model, default=0, dropout=0)
+    del tm, views
     out = jitted(model, return_loss=True)(**text, pixel_values=pixels)
     check_outputs(out, ref, cfg.logit_scale_init_value, what="clip-vit-b32 fp32")
     assert float(ref.loss) > 0.01, f"loss {float(ref.loss):.3e}: too small for the check to say anything"
