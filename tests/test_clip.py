@@ -271,7 +271,7 @@ def test_save_pretrained_hf_loads_into_transformers(tiny, tmp_path):
 
 
 def test_from_pretrained_transformers_and_altjax_directories(tiny, tmp_path):
-    """Both directories load exactly the converted parameters (whose outputs test_eval_matches_torch checks)."""
+    """Both directories load exactly the converted parameters (the eval test checks their outputs)."""
     tiny["tm"].save_pretrained(tmp_path / "hf")
     model = CLIPModel.from_pretrained(tmp_path / "hf")
     assert model.config.to_hf() == json.loads((tmp_path / "hf" / "config.json").read_text()), "config.json not read back as written"

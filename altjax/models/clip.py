@@ -154,7 +154,10 @@ class CLIPModel(nnx.Module):
 
     def _text(self, input_ids, attention_mask, position_ids, output_hidden_states=False):
         out = self.text_model(
-            input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=output_hidden_states
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=output_hidden_states,
         )
         return out, self.text_projection(out.pooler_output)
 

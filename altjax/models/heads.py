@@ -54,7 +54,9 @@ def contrastive_output(
     logits_per_text = (text_embeds @ image_embeds.T) * scale
     loss = None
     if return_loss:
-        loss = losses.contrastive_loss(image_embeds, text_embeds, kind="softmax", logit_scale=scale, label_smoothing=0.0)
+        loss = losses.contrastive_loss(
+            image_embeds, text_embeds, kind="softmax", logit_scale=scale, label_smoothing=0.0
+        )
     return DualEncoderOutput(
         logits_per_image=logits_per_text.T,
         logits_per_text=logits_per_text,
