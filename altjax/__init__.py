@@ -11,6 +11,8 @@ _LAZY = {
     "AlignModel": "altjax.models.align",
     "AltCLIPConfig": "altjax.models.altclip",
     "AltCLIPModel": "altjax.models.altclip",
+    "CLIPConfig": "altjax.models.clip",
+    "CLIPModel": "altjax.models.clip",
     "AlignProcessor": "altjax.processing",
     "AltCLIPProcessor": "altjax.processing",
 }
