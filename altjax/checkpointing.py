@@ -33,6 +33,10 @@ class NoUsableCheckpoint(RuntimeError):
     """Checkpoints exist but none of them restores."""
 
 
+class IncompatibleCheckpoint(ValueError):
+    """A checkpoint of another train state (another model, optimiser or set of frozen parameters)."""
+
+
 def _is_key(x) -> bool:
     return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
 
@@ -130,25 +134,28 @@ class Checkpointer:
 
     def restore_latest(self) -> Optional[tuple[int, Any, list[dict[str, Any]]]]:
         """``(step, state, data_states)`` of the newest checkpoint that restores, or None when there
-        is no checkpoint. A checkpoint that fails is reported with a warning and moved to
-        ``<directory>.damaged/`` (the run will write that step again); NoUsableCheckpoint when
-        every one fails."""
+        is no checkpoint. A checkpoint that fails to read is reported with a warning and, once an
+        older one has restored, moved to ``<directory>.damaged/`` (the run writes that step again).
+        IncompatibleCheckpoint when the checkpoints hold another model or optimiser (a changed
+        config, not damage); NoUsableCheckpoint when none restores (nothing is moved then)."""
         steps = self.steps()
         damaged = []
-        try:
-            for step in reversed(steps):
-                try:
-                    return (step, *self._restore(step))
-                except Exception as error:  # noqa: BLE001 - any failure means this checkpoint is unusable
-                    log.warning("checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
-                                self.directory, step, type(error).__name__, str(error).splitlines()[0][:300])
-                    damaged.append(step)
-            if steps:
-                raise NoUsableCheckpoint(f"none of the checkpoints {steps} in {self.directory} can be restored")
-            return None
-        finally:
+        for step in reversed(steps):
+            try:
+                restored = self._restore(step)
+            except IncompatibleCheckpoint:
+                raise
+            except Exception as error:  # noqa: BLE001 - any failure to read means this checkpoint is unusable
+                log.warning("checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
+                            self.directory, step, type(error).__name__, str(error).splitlines()[0][:300])
+                damaged.append(step)
+                continue
             if damaged:
                 self._set_aside(damaged)
+            return (step, *restored)
+        if steps:
+            raise NoUsableCheckpoint(f"none of the checkpoints {steps} in {self.directory} can be restored")
+        return None
 
     def _set_aside(self, steps: list[int]) -> None:
         if jax.process_index() == 0:
@@ -167,8 +174,10 @@ class Checkpointer:
             raise ValueError(f"its metadata says step {meta.get('step')}")
         if meta.get("paths") != self.layout.paths:
             saved, mine = set(meta.get("paths") or ()), set(self.layout.paths)
-            raise ValueError(f"it holds another train state (only in the checkpoint: {sorted(saved - mine)[:5]}, "
-                             f"only in this run: {sorted(mine - saved)[:5]})")
+            raise IncompatibleCheckpoint(
+                f"checkpoint {self.directory}/{step} holds another train state than this config builds (only in "
+                f"the checkpoint: {sorted(saved - mine)[:5]}, only in this run: {sorted(mine - saved)[:5]}); "
+                "use the config it was written with, or another workdir")
         target = self.layout.target()
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))["state"]

@@ -60,7 +60,7 @@ def draw_loss(draw, box: tuple[int, int, int, int], steps, losses) -> None:
     left, top, right, bottom = box
     font = _font(14)
     draw.text((left, top - 24), "training loss (metrics.jsonl)", fill="black", font=_font(16))
-    x0, x1, y0, y1 = left + 48, right, top, bottom - 24
+    x0, x1, y0, y1 = left + 48, right, top, bottom - 40
     lo, hi = min(losses), max(losses)
     hi = hi if hi > lo else lo + 1.0
     draw.rectangle((x0, y0, x1, y1), outline="black")
@@ -75,7 +75,7 @@ def draw_loss(draw, box: tuple[int, int, int, int], steps, losses) -> None:
         draw.text((x - 12, y1 + 6), f"{int(frac * last)}", fill="black", font=font)
     points = [(x0 + s / last * (x1 - x0), y1 - (v - lo) / (hi - lo) * (y1 - y0)) for s, v in zip(steps, losses)]
     draw.line(points, fill=(40, 85, 215), width=2)
-    draw.text(((x0 + x1) // 2 - 16, y1 + 6), "step", fill="black", font=font)
+    draw.text(((x0 + x1) // 2 - 16, y1 + 22), "step", fill="black", font=font)
 
 
 def draw_retrieval(canvas, draw, origin: tuple[int, int], captions, images, top, *, thumb: int = 72) -> None:
@@ -101,7 +101,7 @@ def save_figure(path: str, metrics: list[dict[str, Any]], captions, images, top)
     """``demo.png``: the loss curve and the retrieval examples."""
     from PIL import Image, ImageDraw
 
-    canvas = Image.new("RGB", (1040, 520), "white")
+    canvas = Image.new("RGB", (900, 520), "white")
     draw = ImageDraw.Draw(canvas)
     draw_loss(draw, (20, 50, 470, 480), [m["step"] for m in metrics], [m["loss"] for m in metrics])
     draw_retrieval(canvas, draw, (520, 50), captions, images, top)

@@ -20,8 +20,9 @@ as one that was never interrupted; ``metrics.jsonl`` is cut back to the restored
 SIGTERM (preemption) saves a checkpoint and exits with status 143. A non-finite loss or gradient
 stops the run with status 1 before anything of that step is saved.
 
-Multi-host: call ``jax.distributed.initialize()`` before ``main`` (``altjax-train`` does it when
-``--distributed`` is given); each process then reads its own part of the data.
+Multi-host: ``--distributed`` calls ``jax.distributed.initialize()`` first (with
+``--coordinator-address``, ``--num-processes`` and ``--process-id`` where JAX cannot find them in
+the environment); every process then reads its own rows of each global batch.
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def scenes_tokenizer(directory: str, lang: str = "en"):
 
 def build_processor(config, directory: str):
     """The AlignProcessor of a run, saved to ``directory``: the tokenizer (``config.data.tokenizer``:
-    ``"scenes"`` or a tokenizer directory) with texts padded to ``config.data.max_length`` by
+    ``"scenes"`` or a tokenizer directory; empty: the one of ``config.model.init_from``) with texts padded to ``config.data.max_length`` by
     default, and ALIGN's evaluation image preprocessing at the model's image size."""
     from transformers import AutoTokenizer
 
@@ -135,8 +136,8 @@ def build_processor(config, directory: str):
     data = config.data
     if data.tokenizer == "scenes":
         tokenizer = scenes_tokenizer(os.path.join(directory, ".vocab"), data.lang)
-    elif data.tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
+    elif data.tokenizer or config.model.init_from:
+        tokenizer = AutoTokenizer.from_pretrained(data.tokenizer or config.model.init_from)
     else:
         raise ValueError("config.data.tokenizer is empty: give 'scenes' or a tokenizer directory")
     # Saved with the tokenizer so that AlignProcessor (and altjax-eval) pads to this length.
@@ -394,6 +395,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     f"{metrics['update_norm']}: training diverged; nothing of this step was saved, the last good checkpoint is "
                     f"{checkpointer.steps()[-1] if checkpointer.steps() else 'none'} in {checkpointer.directory}")
             progress.update(1)
+            if jax.process_count() > 1:
+                # Every process must save the same step: SIGTERM may reach them at different steps.
+                if np.any(multihost_utils.process_allgather(np.asarray(bool(terminated)))) and not terminated:
+                    terminated.append(True)
             if step % int(config.log_every) == 0 or step == total:
                 now = time.perf_counter()
                 skipped = sum(s["skipped"] for s in data_states())
@@ -452,14 +457,19 @@ def _headline(metrics: dict[str, float]) -> str:
 # ----- command line -----
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``altjax-train --config FILE --workdir DIR [--config.key=value ...] [--distributed]``."""
+    """``altjax-train --config FILE --workdir DIR [--config.key=value ...] [--distributed ...]``;
+    returns the exit status (0 done, 1 diverged or no usable checkpoint, 2 bad arguments)."""
     parser = argparse.ArgumentParser(
         prog="altjax-train", description="Train an ALIGN dual encoder (resumes from DIR's checkpoints).",
         epilog="Any --config.KEY=VALUE overrides a config entry, e.g. --config.total_steps=100.")
     parser.add_argument("--config", required=True, help="a Python file with get_config()")
     parser.add_argument("--workdir", required=True, help="checkpoints, logs, metrics and the final model")
     parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() first (multi-host TPU pods, GPU clusters)")
+                        help="call jax.distributed.initialize() first (multi-host TPU pods, GPU clusters); on "
+                             "Cloud TPU, SLURM, Open MPI and Kubernetes it finds the other processes itself")
+    parser.add_argument("--coordinator-address", help="with --distributed elsewhere: host:port of process 0")
+    parser.add_argument("--num-processes", type=int, help="with --distributed elsewhere: the number of processes")
+    parser.add_argument("--process-id", type=int, help="with --distributed elsewhere: this process's index")
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for item in rest:
@@ -475,10 +485,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.distributed:
         import jax
 
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    from altjax.checkpointing import IncompatibleCheckpoint, NoUsableCheckpoint
+
     try:
         train(config, args.workdir)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, IncompatibleCheckpoint, NoUsableCheckpoint) as e:
         print(f"altjax-train: {e}", file=sys.stderr)
         return 1
     return 0

@@ -37,7 +37,7 @@ def test_demo_runs_end_to_end(tmp_path, tmp_path_factory):
     assert steps == list(range(1, 9)), f"metrics.jsonl steps {steps}"
 
     figure = np.asarray(Image.open(workdir / "demo.png").convert("RGB")).astype(int)
-    assert figure.shape == (520, 1040, 3), f"figure shape {figure.shape}"
+    assert figure.shape == (520, 900, 3), f"figure shape {figure.shape}"
     curve = np.all(figure == (40, 85, 215), axis=-1)[:, :500].sum()
     thumbnails = np.all(figure == (160, 160, 160), axis=-1).sum() + np.all(figure == (45, 165, 65), axis=-1).sum()
     assert curve > 50 and thumbnails > 1000, f"figure: {curve} loss-curve pixels, {thumbnails} frame pixels"
