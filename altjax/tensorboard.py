@@ -4,7 +4,7 @@ An event file is a TFRecord file (:mod:`altjax.data.tfrecord` framing) of ``tens
 protocol buffers. Only the few fields scalars need are encoded, by hand:
 
     Event:       wall_time = 1 (double), step = 2 (int64), file_version = 3 (string),
-                 summary = 5 (Summary), session_log = 6 (SessionLog)
+                 summary = 5 (Summary), session_log = 7 (SessionLog)
     Summary:     value = 1 (repeated Value)
     Value:       tag = 1 (string), simple_value = 2 (float)
     SessionLog:  status = 1 (enum; START = 1)
@@ -46,7 +46,7 @@ def _event(step: int, *, file_version: Optional[str] = None, summary: Optional[b
     if summary is not None:
         out += _bytes_field(5, summary)
     if session_start:
-        out += _bytes_field(6, _varint(1 << 3) + _varint(1))
+        out += _bytes_field(7, _varint(1 << 3) + _varint(1))
     return out
 
 

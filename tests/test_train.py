@@ -60,6 +60,41 @@ def data(tmp_path_factory):
     return [f"data.files={root}/shard-*.tar", f"data.data_dir={tfds_dir}"]
 
 
+def event_class():
+    """tensorflow.Event (the fields altjax writes) built with protobuf from TensorFlow's field
+    numbers, to read the event files independently of altjax.tensorboard's encoder."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    F = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(name="altjax_test_event.proto", package="altjax_test", syntax="proto3")
+    messages = {
+        "Value": [("tag", 1, F.TYPE_STRING, None), ("simple_value", 2, F.TYPE_FLOAT, None)],
+        "Summary": [("value", 1, F.TYPE_MESSAGE, "Value")],
+        "SessionLog": [("status", 1, F.TYPE_INT32, None)],
+        "Event": [("wall_time", 1, F.TYPE_DOUBLE, None), ("step", 2, F.TYPE_INT64, None),
+                  ("file_version", 3, F.TYPE_STRING, None), ("summary", 5, F.TYPE_MESSAGE, "Summary"),
+                  ("session_log", 7, F.TYPE_MESSAGE, "SessionLog")],
+    }
+    for name, fields in messages.items():
+        message = proto.message_type.add(name=name)
+        for field, number, kind, type_name in fields:
+            label = F.LABEL_REPEATED if field == "value" else F.LABEL_OPTIONAL
+            message.field.add(name=field, number=number, type=kind, label=label,
+                              type_name=f".altjax_test.{type_name}" if type_name else None)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("altjax_test.Event"))
+
+
+def read_events(workdir):
+    """Every event of the workdir's TensorBoard files, file by file in creation order."""
+    from altjax.data import tfrecord
+
+    event = event_class()
+    files = sorted(f for f in os.listdir(workdir) if f.startswith("events.out.tfevents."))
+    return [event.FromString(r) for f in files for r in tfrecord.iterate_tfrecord(os.path.join(workdir, f))]
+
+
 def overrides(data, *extra):
     return TINY + data + list(extra)
 
@@ -122,17 +157,10 @@ def test_reference_run_writes_logs_evaluations_and_model(reference):
     assert set(results) == {"retrieval/scenes/en", "zeroshot/scenes/en"}, f"eval_results keys {sorted(results)}"
     assert set(results["retrieval/scenes/en"]) >= {"t2i_r1", "i2t_r1", "mr"} and "top1" in results["zeroshot/scenes/en"]
 
-    from tensorboardX.proto import event_pb2
-
-    from altjax.data import tfrecord
-
-    events = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]
     tags = {}
-    for name in events:
-        for record in tfrecord.iterate_tfrecord(os.path.join(workdir, name)):
-            event = event_pb2.Event.FromString(record)
-            for value in event.summary.value:
-                tags.setdefault(value.tag, []).append((event.step, value.simple_value))
+    for event in read_events(workdir):
+        for value in event.summary.value:
+            tags.setdefault(value.tag, []).append((event.step, value.simple_value))
     logged = dict(tags["train/loss"])
     assert sorted(logged) == list(range(1, TOTAL + 1)), f"TensorBoard train/loss steps {sorted(logged)}"
     assert abs(logged[TOTAL] - records[-1]["loss"]) < 1e-6, "TensorBoard loss differs from metrics.jsonl"
@@ -211,4 +239,8 @@ def test_preempted_diverged_killed_and_damaged_run_ends_like_the_uninterrupted_o
     assert emptied, f"found no array files to damage in checkpoint {damaged}"
     out = finish(run_cli(workdir, data, cache), f"resume after {killed}")
     assert f"/{damaged} cannot be restored" in out and f"resumed from {ckpts}/" in out, f"no fallback:\n{out}"
+    # Each resumed run told TensorBoard to drop what earlier runs logged from its first step on.
+    resumed = [int(line.rsplit("/", 1)[1]) for line in out.splitlines() if line.startswith("resumed from")]
+    starts = [e.step for e in read_events(workdir) if e.session_log.status == 1]
+    assert resumed and starts and starts[-1] == resumed[-1] + 1, f"SessionLog START at {starts}, resumed at {resumed}"
     assert_same_losses(workdir, reference, f"{killed}, checkpoint {damaged} damaged")
