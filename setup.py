@@ -21,6 +21,11 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "ml_dtypes",
+        # Tokenizers for the processors (BERT WordPiece, XLM-R sentencepiece); transformers does not
+        # need torch for them.
+        "transformers>=5.0",
+        "tokenizers",
+        "sentencepiece",
         # The embedded dataset and tfds input, without TensorFlow: ArrayRecord files read through
         # tfds data sources, TFRecords framed and checksummed in altjax.data.tfrecord.
         "tensorflow-datasets>=4.9.10",
