@@ -524,9 +524,14 @@ def save_model(
 
 
 def _save_orbax(directory: str, params: Mapping[str, Any]) -> None:
+    import jax
     import orbax.checkpoint as ocp
 
     # One tensorstore per parameter instead of OCDBT's shared store: OCDBT gathers every array
     # into a host copy first (measured: align-base conversion peak 2.2x the checkpoint, vs 1.4x).
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
-    checkpointer.save(os.path.abspath(directory), _nest(params))
+    # No replica-parallel writes: orbax would compile a slicing program per shape and device for
+    # replicated arrays (tens of seconds for a tiny model on 8 CPU devices).
+    arrays = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=arrays)
+    ocp.Checkpointer(handler).save(os.path.abspath(directory), _nest(params))
