@@ -318,11 +318,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             f.write(config.to_json(indent=2, sort_keys=True) + "\n")
 
     processor_dir = os.path.join(workdir, "processor")
-    processor = build_processor(config, processor_dir)
     dtype = jnp.dtype(config.model.dtype)
-    if config.model.init_from:
+    # CLIP and AltCLIP's two phases (altjax.distill) build their own model, processor and pipeline.
+    kind = config.model.get("kind", "align")
+    if kind != "align":
+        from altjax import distill
+
+        model, processor = distill.build_model(config, processor_dir, mesh)
+    elif config.model.init_from:
+        processor = build_processor(config, processor_dir)
         model = AlignModel.from_pretrained(config.model.init_from, dtype=dtype, seed=int(config.seed), mesh=mesh)
     else:
+        processor = build_processor(config, processor_dir)
         align_config = model_config(config, len(processor.tokenizer))
         model = sharding.sharded_init(
             lambda: AlignModel(align_config, dtype=dtype, rngs=nnx.Rngs(int(config.seed))), mesh)
@@ -340,7 +347,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), state,
                                 keep=int(config.keep_checkpoints), asynchronous=bool(config.async_checkpoints))
-    pipeline = build_pipeline(config, processor.tokenizer, mesh)
+    if kind == "align":
+        pipeline = build_pipeline(config, processor.tokenizer, mesh)
+    else:
+        pipeline = distill.build_pipeline(config, processor, processor_dir, mesh)
+    exported = (lambda m: m) if kind == "align" else distill.exported
     metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), primary)
     step = 0
     restored = checkpointer.restore_latest()
@@ -355,7 +366,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     sets = evaluation_sets(config) if config.eval_every or config.eval.at_end or config.eval.at_start else {}
 
     def run_eval(at: int) -> dict:
-        model = nnx.merge(graphdef, state["params"], state["frozen"], state["rest"])
+        model = exported(nnx.merge(graphdef, state["params"], state["frozen"], state["rest"]))
         results = evaluate(model, processor, sets, mesh=mesh, batch_size=int(config.eval.batch_size),
                            text_length=int(config.data.max_length))
         if primary:
@@ -426,7 +437,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             eval_results = run_eval(step)
         checkpointer.wait()
         export = os.path.join(workdir, "model")
-        model = nnx.merge(graphdef, state["params"], state["frozen"], state["rest"])
+        model = exported(nnx.merge(graphdef, state["params"], state["frozen"], state["rest"]))
         model.eval()
         model.name_or_path = processor_dir
         model.save_pretrained(export, overwrite=True)

@@ -85,12 +85,17 @@ def align_objective(*, label_smoothing: float = 0.1, impl: str = "gather",
 
 
 def objective_from_config(config) -> Objective:
-    """The objective named by ``config.loss.name`` (``"align"``)."""
+    """The objective named by ``config.loss.name``: ``"align"``, or AltCLIP's ``"distill"`` (phase 1)
+    and ``"clip"`` (phase 2, and CLIP) from :mod:`altjax.distill`."""
     name = config.loss.name
     if name == "align":
         return align_objective(label_smoothing=float(config.loss.label_smoothing), impl=config.loss.impl,
                                remat_policy=config.remat_policy if config.remat else None)
-    raise ValueError(f"unknown loss {name!r}; known: 'align'")
+    if name in ("distill", "clip"):
+        from altjax import distill
+
+        return distill.objective(config)
+    raise ValueError(f"unknown loss {name!r}; known: 'align', 'distill', 'clip'")
 
 
 def split_model(model: nnx.Module, trainable) -> tuple:
