@@ -1,111 +1,154 @@
-"""Train step time of the demo ALIGN (configs/demo.py) in altjax vs transformers' PyTorch AlignModel.
+"""One training step of altjax against transformers' PyTorch model: time, throughput, memory, FLOPs, MFU.
 
-Usage: python benchmarks/train_step.py [--repeats 20] [--batch-size 64]
+    python benchmarks/train_step.py --model demo                       # the demo ALIGN, batch 64
+    python benchmarks/train_step.py --model align-base --batch-size 2 --repeats 3 --variants jax-fp32,torch-fp32
+    python benchmarks/train_step.py --model altclip-l14 --batch-size 128 --repeats 20 \\
+        --variants jax-bf16,jax-bf16-remat,torch-bf16,torch-compile-bf16        # on a GPU
 
-Both sides build the same model (the demo config written as an HF config for transformers), in
-training mode (BatchNorm batch statistics; dropout as configured, 0 in the demo), on the same
-random batch (32 px images, 24-token captions), and time one full optimiser step: forward, ALIGN
-loss, backward, AdamW update (torch.optim.AdamW(foreach) vs optax.adamw; both with the same
-learning rate and weight decay, no clipping). The altjax step is the trainer's jitted function
-(``altjax.train_step.make_train_step``, state donated) on one device; the LAMB step the demo
-trains with is timed too. Each figure is the median over ``--repeats`` steps after three warm-up
-steps; ratio = PyTorch time / altjax time (above 1: altjax is faster). Both run in this process
-on all the cores (torch.set_num_threads(os.cpu_count()); XLA's CPU backend uses every core).
+A step is the forward of both towers, the model's contrastive loss (ALIGN: label-smoothed softmax
+over logits / temperature; AltCLIP: CLIP's symmetric cross-entropy over logits * exp(logit_scale)),
+the backward and an AdamW update of every parameter (lr 1e-4, weight decay 0.01, PyTorch's
+defaults otherwise; torch.optim.AdamW(foreach=True) vs optax.adamw), in training mode (dropout and
+BatchNorm batch statistics as the config sets them), on the same random batch (same size, image
+resolution, text length and precision on both sides; random weights, each framework its own).
+
+Variants (``--variants``, comma-separated): ``jax-fp32``, ``jax-bf16`` (bf16 compute, fp32
+parameters), each with ``-remat`` (every tower rematerialised, policy nothing_saveable) and, for
+ALIGN, ``-grouped``/``-shifted`` (EfficientNet's depthwise convolution as XLA's grouped
+convolution / as fused shifted multiply-adds; default: shifted on CPU, grouped elsewhere);
+``torch-fp32`` (eager), ``torch-bf16`` (eager under torch.autocast bf16), ``torch-compile-fp32``,
+``torch-compile-bf16``. A variant that fails to build or compile is reported with its reason.
+
+Each variant runs in its own process (its peak memory is its own: the allocator's peak on GPU,
+peak RSS on CPU, which includes the ~0.3-0.6 GB of the framework itself). When they fit in memory
+together they are timed in alternation, one step each per round; otherwise one after the other
+(``--alternate`` / ``--sequential`` force either). Figures are medians over ``--repeats`` steps
+after ``--warmup`` steps. The ratio is altjax's throughput over PyTorch's (above 1: altjax is
+faster), each altjax variant against PyTorch eager in the same precision.
+
+FLOPs per step come from XLA's cost analysis of the compiled altjax step (fp32, no remat, so
+recomputation is not counted as useful work), cross-checked with PyTorch's FlopCounterMode on the
+same step and with an analytic count of the transformer towers' matmuls (see
+``_harness.analytic_flops``). MFU = FLOPs / step time / peak; the peak defaults to the H100 SXM's
+dense bf16 989 TFLOP/s on GPU; on CPU only the achieved GFLOP/s is printed unless ``--peak-tflops``
+is given.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
-import statistics
-import time
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _harness as H  # noqa: E402
+
+ALL_VARIANTS = ("jax-fp32", "jax-bf16", "jax-fp32-remat", "jax-bf16-remat", "torch-fp32", "torch-bf16",
+                "torch-compile-fp32", "torch-compile-bf16")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args()
+    parser.add_argument("--model", choices=H.MODELS, default="demo")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 64 for demo/tiny, 2 otherwise")
+    parser.add_argument("--seq-len", type=int, default=None, help="default: 64 (ALIGN), 77 (AltCLIP), demo config's")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 20 for demo/tiny, 3 otherwise")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help=f"the device's peak for MFU (default on GPU: H100 SXM dense bf16 {H.H100_BF16_DENSE_TFLOPS})")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--alternate", action="store_true", help="all variants alive, timed in turn")
+    order.add_argument("--sequential", action="store_true", help="one variant after another")
+    args = parser.parse_args(argv)
 
-    import jax
-    import numpy as np
-    import torch
-    import transformers
-    from flax import nnx
+    small = args.model == "demo" or args.model.endswith("tiny")
+    batch_size = args.batch_size or (64 if small else 2)
+    repeats = args.repeats or (20 if small else 3)
+    _, cfg, default_seq = H.configs(args.model)
+    seq_len = args.seq_len or default_seq
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for name in names:
+        H.parse_variant(name)
+    gpu = H.on_gpu()
+    peak = args.peak_tflops or (H.H100_BF16_DENSE_TFLOPS if gpu else None)
 
-    from altjax import optim, sharding
-    from altjax.models.align import AlignModel
-    from altjax.train import CONFIGS_DIR, load_config, model_config
-    from altjax.train_step import align_objective, init_state, make_train_step
+    params = H.param_count(args.model)
+    # Parameters, gradients and two AdamW moments in fp32, and as much again for activations and
+    # the framework: a rough bound to decide whether all workers fit at once.
+    estimate = len(names) * params * 4 * 6
+    alternate = args.alternate or (not args.sequential and (gpu or estimate < 0.5 * H.available_bytes()))
+    count_flops = next((n for n in names if n.startswith("torch") and "compile" not in n), None)
+    variants = []
+    for name in names:
+        spec = {**H.parse_variant(name), "kind": "train", "model": args.model, "batch_size": batch_size,
+                "seq_len": seq_len, "warmup": args.warmup, "count_flops": name == count_flops}
+        variants.append((name, spec))
 
-    torch.set_num_threads(os.cpu_count())
-    config = load_config(os.path.join(CONFIGS_DIR, "demo.py"))
-    vocab_size = 100
-    align_config = model_config(config, vocab_size)
-    b, length, size = args.batch_size, int(config.data.max_length), int(config.model.vision.image_size)
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(8, length + 1, (b, 1))
-    mask = (np.arange(length)[None] < lengths).astype(np.int64)
-    batch = {"pixel_values": rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32),
-             "input_ids": rng.integers(5, vocab_size, (b, length)) * mask,
-             "attention_mask": mask, "token_type_ids": np.zeros((b, length), np.int64)}
+    print(f"train step: {args.model} ({params / 1e6:.1f}M parameters), batch {batch_size}, "
+          f"{H.image_size(cfg)} px images, {seq_len} tokens, median of {repeats} steps "
+          f"({'alternating' if alternate else 'one variant after another'}), {H.hardware()}")
+    print(f"{H.versions()}, {datetime.date.today().isoformat()}")
+    workers = H.run_workers(variants, ("step",), repeats, alternate=alternate)
 
-    def median_time(step, repeats):
-        for _ in range(3):
-            step()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    ok = {w.label: w for w in workers if w.info is not None}
+    model_flops, source = _model_flops(ok, args.model, batch_size, seq_len)
+    print(f"{'variant':<36}{'step':>10}{'pairs/s':>10}{'peak mem':>16}{'compile':>9}"
+          f"{'TFLOP/s' if gpu else 'GFLOP/s':>9}{'MFU' if peak else '':>7}")
+    for w in workers:
+        label = H.describe(w.label)
+        if w.info is None:
+            print(f"{label:<36}skipped: {w.error}")
+            continue
+        t = w.median("step")
+        kind, mem = w.info["memory"]
+        rate = model_flops / t / (1e12 if gpu else 1e9) if model_flops else float("nan")
+        mfu = f"{100 * model_flops / t / (peak * 1e12):6.1f}%" if peak and model_flops else ""
+        compile_s = w.info.get("compile_s")
+        print(f"{label:<36}{t * 1e3:>8.1f}ms{batch_size / t:>10.2f}{kind + ' ' + H.fmt_bytes(mem):>16}"
+              f"{'' if compile_s is None else f'{compile_s:.1f}s':>9}{rate:>9.1f}{mfu:>7}")
+    _print_flops(ok, args.model, batch_size, seq_len, model_flops, source)
+    for name, w in ok.items():
+        spec = w.spec
+        if spec["framework"] != "jax":
+            continue
+        ref = ok.get(f"torch-{spec['precision']}")
+        if ref is None:
+            continue
+        ratio = ref.median("step") / w.median("step")
+        print(f"ratio {H.describe(name)} / {H.describe(ref.label)}: {ratio:.2f}x throughput "
+              f"({w.median('step') * 1e3:.1f} ms vs {ref.median('step') * 1e3:.1f} ms)")
 
-    # ----- altjax -----
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    jax_batch = sharding.shard_batch({k: v.astype(np.int32) if v.dtype == np.int64 else v for k, v in batch.items()},
-                                     mesh)
-    results = {}
-    for name in ("adamw", "lamb"):
-        model = AlignModel(align_config, rngs=nnx.Rngs(0))
-        model.train()
-        opt = config.optimizer.copy_and_resolve_references()
-        opt.name, opt.warmup_steps, opt.decay, opt.grad_clip_norm = name, 0, "constant", 0.0
-        trainable = optim.trainable_filter("")
-        tx = optim.build(opt, 1000, nnx.state(model, trainable))
-        graphdef, state = init_state(model, trainable, tx)
-        step_fn = make_train_step(graphdef, align_objective(), tx, mesh=mesh)
-        holder = {"state": state}
 
-        def jax_step():
-            holder["state"], metrics = step_fn(holder["state"], jax_batch)
-            jax.block_until_ready(metrics["loss"])
+def _model_flops(ok, model, batch_size, seq_len):
+    """The useful FLOPs of one step: XLA's count of the plain altjax step, else PyTorch's counter,
+    else the analytic count."""
+    for name in ("jax-fp32", "jax-bf16"):
+        if name in ok and ok[name].info["flops"].get("step"):
+            return ok[name].info["flops"]["step"], f"XLA cost analysis ({name})"
+    for w in ok.values():
+        if w.info.get("flops", {}).get("step"):
+            return w.info["flops"]["step"], "PyTorch FlopCounterMode"
+    analytic = H.analytic_flops(model, batch_size, seq_len, train=True)
+    if analytic["vision"] is not None:
+        return analytic["text"] + analytic["vision"], "analytic"
+    return None, "none"
 
-        results[name] = median_time(jax_step, args.repeats)
 
-    # ----- PyTorch -----
-    torch.manual_seed(0)
-    hf_config = transformers.AlignConfig.from_dict(align_config.to_hf())
-    torch_model = transformers.AlignModel(hf_config).train()
-    optimizer = torch.optim.AdamW(torch_model.parameters(), lr=float(config.optimizer.learning_rate),
-                                  weight_decay=float(config.optimizer.weight_decay), foreach=True)
-    torch_batch = {k: torch.from_numpy(v) for k, v in batch.items()}
-    torch_batch["pixel_values"] = torch_batch["pixel_values"].permute(0, 3, 1, 2).contiguous()
-
-    def torch_step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = torch_model(**torch_batch, return_loss=True).loss
-        loss.backward()
-        optimizer.step()
-
-    torch_time = median_time(torch_step, args.repeats)
-
-    params = sum(int(np.prod(p.shape)) for p in torch_model.parameters())
-    print(f"demo ALIGN ({params / 1e6:.2f}M parameters), batch {b}, {size} px images, {length} tokens, "
-          f"{os.cpu_count()} cores, median of {args.repeats} steps")
-    print(f"{'step':<28}{'altjax':>10}{'PyTorch':>10}{'ratio':>8}")
-    print(f"{'AdamW (both)':<28}{results['adamw'] * 1e3:>8.1f}ms{torch_time * 1e3:>8.1f}ms"
-          f"{torch_time / results['adamw']:>8.2f}")
-    print(f"{'LAMB (altjax, as trained)':<28}{results['lamb'] * 1e3:>8.1f}ms{'':>10}{'':>8}")
-    print(f"altjax throughput (AdamW): {b / results['adamw']:.0f} pairs/s; PyTorch: {b / torch_time:.0f} pairs/s")
+def _print_flops(ok, model, batch_size, seq_len, model_flops, source):
+    parts = [f"FLOPs per step: {model_flops / 1e9:.1f} G ({source})" if model_flops else "FLOPs per step: unknown"]
+    for w in ok.values():
+        f = w.info.get("flops", {}).get("step")
+        if f and w.spec["framework"] == "torch":
+            parts.append(f"PyTorch FlopCounterMode {f / 1e9:.1f} G")
+    analytic = H.analytic_flops(model, batch_size, seq_len, train=True)
+    if analytic["vision"] is None:
+        parts.append(f"analytic text tower {analytic['text'] / 1e9:.1f} G (EfficientNet: see FlopCounterMode)")
+    else:
+        parts.append(f"analytic matmuls {(analytic['text'] + analytic['vision']) / 1e9:.1f} G "
+                     f"(text {analytic['text'] / 1e9:.1f}, vision {analytic['vision'] / 1e9:.1f})")
+    print("; ".join(parts))
 
 
 if __name__ == "__main__":
