@@ -63,20 +63,24 @@ def scenes_clip_tokenizer(directory: str, *, vocab_size: int = 1024):
     """A word-level English tokenizer of the scenes captions laid out like CLIP's (the
     ``clip-tiny`` preset): words first, ``<|startoftext|>`` = ``vocab_size - 2``,
     ``<|endoftext|>`` = ``vocab_size - 1`` (which also pads), lower-cased, punctuation split off.
-    Chinese text is out of its vocabulary (``<unk>``), as it is for CLIP's English BPE in effect."""
+    Chinese characters get ids of their own after the words, one per character, as CLIP's
+    byte-level BPE gives any text tokens: trained on English captions only, the teacher never
+    learns them, so it reads Chinese at about chance (mapping them all to ``<unk>`` would instead
+    make every Chinese caption the same text, and retrieval ties)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     from altjax.data import scenes
 
     words = sorted({w.lower() for w in scenes.vocabulary("en")})
-    vocab = {w: i for i, w in enumerate(words + ["<unk>"])}
+    chars = sorted(set(scenes.vocabulary("zh")) - {" "})
+    vocab = {w: i for i, w in enumerate(words + ["<unk>"] + chars)}
     bos, eos = vocab_size - 2, vocab_size - 1
     if len(vocab) > bos:
         raise ValueError(f"{len(vocab)} words do not fit a vocabulary of {vocab_size}")
     vocab.update({"<|startoftext|>": bos, "<|endoftext|>": eos})
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True, handle_chinese_chars=True, strip_accents=False)
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
@@ -97,9 +101,11 @@ def scenes_xlmr_tokenizer(directory: str):
     words = sorted({w.lower() for w in scenes.vocabulary("en")})
     chars = sorted(set(scenes.vocabulary("zh")) - {" "})
     vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("<mask>", 0.0), ("▁", -8.0)]
-    vocab += [("▁" + w, -2.0) for w in words if w.isalnum()] + [(w, -3.0) for w in words if not w.isalnum()]
+    # Sentencepiece does not lower-case: a capitalised piece per word for sentence starts.
+    vocab += [("▁" + v, -2.0) for w in words if w.isalnum() for v in dict.fromkeys((w, w.capitalize()))]
+    vocab += [(w, -3.0) for w in words if not w.isalnum()]
     vocab += [(c, -4.0) for c in chars] + [("▁" + c, -4.5) for c in chars]
-    tokenizer = transformers.XLMRobertaTokenizer(vocab=vocab, model_max_length=512, do_lower_case=True)
+    tokenizer = transformers.XLMRobertaTokenizer(vocab=vocab, model_max_length=512)
     tokenizer.save_pretrained(directory)
     return transformers.AutoTokenizer.from_pretrained(directory)
 
