@@ -469,6 +469,29 @@ def run_workers(variants: list[tuple[str, dict]], whats: tuple[str, ...], repeat
     return workers
 
 
+def gflop(n: float) -> str:
+    """FLOPs in GFLOP, three significant digits below 1000."""
+    g = n / 1e9
+    return f"{g:.3g} G" if g < 1000 else f"{g:.0f} G"
+
+
+def write_json(path: str, header: dict, workers: list[Worker]) -> None:
+    """The run's figures as JSON (for benchmarks/plot.py and the README table)."""
+    import json
+
+    rows = []
+    for w in workers:
+        row = {"variant": w.label, "label": describe(w.label), "error": w.error}
+        if w.info is not None:
+            row.update(medians={k: statistics.median(v) for k, v in w.times.items()}, times=w.times,
+                       memory_kind=w.info["memory"][0], memory_bytes=w.info["memory"][1],
+                       compile_s=w.info.get("compile_s"), flops=w.info.get("flops"))
+        rows.append(row)
+    with open(path, "w") as f:
+        json.dump({**header, "command": " ".join(["python"] + sys.argv), "hardware": hardware(),
+                   "versions": versions(), "rows": rows}, f, indent=1)
+
+
 def fmt_bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
 

@@ -58,6 +58,7 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help=f"the device's peak for MFU (default on GPU: H100 SXM dense bf16 {H.H100_BF16_DENSE_TFLOPS})")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     order = parser.add_mutually_exclusive_group()
     order.add_argument("--alternate", action="store_true", help="all variants alive, timed in turn")
     order.add_argument("--sequential", action="store_true", help="one variant after another")
@@ -109,6 +110,10 @@ def main(argv=None) -> None:
         print(f"{label:<36}{t * 1e3:>8.1f}ms{batch_size / t:>10.2f}{kind + ' ' + H.fmt_bytes(mem):>16}"
               f"{'' if compile_s is None else f'{compile_s:.1f}s':>9}{rate:>9.1f}{mfu:>7}")
     _print_flops(ok, args.model, batch_size, seq_len, model_flops, source)
+    if args.json:
+        H.write_json(args.json, {"kind": "train", "model": args.model, "batch_size": batch_size, "seq_len": seq_len,
+                                 "date": datetime.date.today().isoformat(), "flops": model_flops,
+                                 "flops_source": source}, workers)
     for name, w in ok.items():
         spec = w.spec
         if spec["framework"] != "jax":
@@ -137,17 +142,17 @@ def _model_flops(ok, model, batch_size, seq_len):
 
 
 def _print_flops(ok, model, batch_size, seq_len, model_flops, source):
-    parts = [f"FLOPs per step: {model_flops / 1e9:.1f} G ({source})" if model_flops else "FLOPs per step: unknown"]
+    parts = [f"FLOPs per step: {H.gflop(model_flops)} ({source})" if model_flops else "FLOPs per step: unknown"]
     for w in ok.values():
         f = w.info.get("flops", {}).get("step")
         if f and w.spec["framework"] == "torch":
-            parts.append(f"PyTorch FlopCounterMode {f / 1e9:.1f} G")
+            parts.append(f"PyTorch FlopCounterMode {H.gflop(f)}")
     analytic = H.analytic_flops(model, batch_size, seq_len, train=True)
     if analytic["vision"] is None:
-        parts.append(f"analytic text tower {analytic['text'] / 1e9:.1f} G (EfficientNet: see FlopCounterMode)")
+        parts.append(f"analytic text tower {H.gflop(analytic['text'])} (EfficientNet: see FlopCounterMode)")
     else:
-        parts.append(f"analytic matmuls {(analytic['text'] + analytic['vision']) / 1e9:.1f} G "
-                     f"(text {analytic['text'] / 1e9:.1f}, vision {analytic['vision'] / 1e9:.1f})")
+        parts.append(f"analytic matmuls {H.gflop((analytic['text'] + analytic['vision']))} "
+                     f"(text {H.gflop(analytic['text'])}, vision {H.gflop(analytic['vision'])})")
     print("; ".join(parts))
 
 
