@@ -1,0 +1,190 @@
+"""AltCLIP's two phases: the distillation loss, frozen parameters, the parallel-text pipeline, the recipes."""
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from altjax import distill, optim, train
+from altjax.data import parallel
+from altjax.data.preprocess import TextField
+from altjax.models.altclip import AltCLIPConfig, AltCLIPModel
+from altjax.models.clip import CLIPConfig, CLIPModel
+from altjax.models.clip_text import CLIPTextConfig
+from altjax.models.vit import CLIPVisionConfig
+from altjax.models.xlm_roberta import XLMRobertaConfig
+from altjax.train_step import init_state, make_train_step
+
+VISION = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=16, patch_size=8, projection_dim=8)
+
+
+def tiny_models(target: str = "pooled", text_width: int = 16, projection_dim: int = 8):
+    clip = CLIPModel(CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=1024, hidden_size=text_width, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=16, pad_token_id=1023,
+                                   bos_token_id=1022, eos_token_id=1023),
+        vision_config=VISION, projection_dim=projection_dim), rngs=nnx.Rngs(1))
+    project_dim = text_width if target == "pooled" else projection_dim
+    student = AltCLIPModel(AltCLIPConfig(
+        text_config=XLMRobertaConfig(vocab_size=200, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, max_position_embeddings=24, project_dim=project_dim),
+        vision_config=VISION, projection_dim=projection_dim), rngs=nnx.Rngs(2))
+    distill.copy_image_tower(student, clip)
+    teacher = clip.text_teacher()
+    distill.set_text_projection(student, teacher, target)
+    return distill.DistillModel(student, teacher)
+
+
+def text_batch(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    teacher = rng.integers(0, 1000, (n, 10)).astype(np.int32)
+    teacher[:, 0], teacher[:, 7:] = 1022, 1023
+    student = rng.integers(5, 200, (n, 12)).astype(np.int32)
+    student[:, 0], student[:, 9], student[:, 10:] = 0, 2, 1
+    return {"teacher_input_ids": teacher, "teacher_attention_mask": (np.arange(10) < 8).astype(np.int32)[None].repeat(n, 0),
+            "student_input_ids": student, "student_attention_mask": (student != 1).astype(np.int32),
+            "same_language": (np.arange(n) % 2).astype(np.int32)}
+
+
+def test_mse_hand_computed():
+    objective = distill.distill_objective()
+    s = np.array([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]], np.float32)
+    t = np.array([[1.5, 2.0, 1.0], [2.0, -1.0, 4.0]], np.float32)
+    # ((0.5^2 + 0 + 2^2) + (2^2 + 0 + 0)) / 6 = 8.25 / 6
+    value, metrics = objective.loss(None, {"student": s, "teacher": t, "same_language": np.array([1.0, 0.0])}, None)
+    assert abs(float(value) - 8.25 / 6) < 1e-7, f"MSE {float(value)} != {8.25 / 6} by {abs(float(value) - 8.25 / 6)}"
+    assert float(metrics["same_language_fraction"]) == 0.5
+
+
+@pytest.mark.parametrize("target", distill.TARGETS)
+def test_student_equal_to_teacher_gives_zero(target):
+    model = tiny_models(target)
+    objective = distill.distill_objective(target=target)
+    feats = objective.features(model, text_batch())
+    want = 16 if target == "pooled" else 8
+    assert feats["teacher"].shape == (8, want) and feats["student"].shape == (8, want), \
+        f"{target}: shapes {feats['teacher'].shape} {feats['student'].shape}"
+    value, metrics = objective.loss(model, {**feats, "student": feats["teacher"]}, None)
+    assert float(value) == 0.0, f"{target}: loss {float(value)} with the student's output set to the teacher's"
+    assert abs(float(metrics["cosine"]) - 1) < 1e-6, f"{target}: cosine {float(metrics['cosine'])}"
+    value, _ = objective.loss(model, feats, None)
+    direct = np.mean((np.asarray(feats["student"]) - np.asarray(feats["teacher"])) ** 2)
+    assert abs(float(value) - direct) < 1e-6 * max(direct, 1), f"{target}: loss {float(value)} vs numpy {direct}"
+    # The student's text features equal its CLIP-space projection of the target: identical to the
+    # teacher's projected features when its pooled output matches the teacher's target.
+    proj = model.student.text_projection(feats["teacher"])
+    teacher_proj = model.teacher.get_text_features(jnp.asarray(text_batch()["teacher_input_ids"]),
+                                                   jnp.asarray(text_batch()["teacher_attention_mask"]))
+    err = float(jnp.max(jnp.abs(proj - teacher_proj)))
+    assert err < 1e-5, f"{target}: student projection of the teacher target differs from the teacher's features by {err}"
+
+
+def _train(model, freeze: str, objective, batch, steps=3, lr=1e-2):
+    model.train()
+    opt = ml_collections.ConfigDict(dict(name="adamw", learning_rate=lr, warmup_steps=0, decay="constant",
+                                         weight_decay=0.1, grad_clip_norm=1.0))
+    trainable = optim.trainable_filter(freeze)
+    tx = optim.build(opt, steps, nnx.state(model, trainable))
+    before = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+    graphdef, state = init_state(model, trainable, tx)
+    step = make_train_step(graphdef, objective, tx, mesh=None)
+    losses, metrics = [], None
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    after = nnx.state(nnx.merge(graphdef, state["params"], state["frozen"], state["rest"]), nnx.Param)
+    flat_before = dict(nnx.to_flat_state(before))
+    changed = {"/".join(map(str, k)): not np.array_equal(np.asarray(flat_before[k][...]), np.asarray(v[...]))
+               for k, v in nnx.to_flat_state(after)}
+    return changed, losses, metrics
+
+
+def test_phase1_teacher_frozen_bit_identical_and_loss_falls():
+    model = tiny_models()
+    changed, losses, metrics = _train(model, distill.PHASE1_FREEZE, distill.distill_objective(), text_batch())
+    moved = [k for k, c in changed.items() if c and not k.startswith("student/text_model/")]
+    assert not moved, f"frozen parameters changed in phase 1: {moved}"
+    assert all(changed[k] for k in changed if k.startswith("student/text_model/roberta/encoder")), \
+        "a student encoder parameter did not train"
+    assert losses[-1] < losses[0], f"phase-1 loss did not fall: {losses}"
+    assert float(metrics["same_language_fraction"]) == 0.5
+
+
+def test_phase2_freezes_image_tower_bit_for_bit():
+    model = tiny_models().student
+    rng = np.random.default_rng(0)
+    b = text_batch()
+    batch = {"pixel_values": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
+             "input_ids": b["student_input_ids"], "attention_mask": b["student_attention_mask"]}
+    changed, losses, _ = _train(model, distill.PHASE2_FREEZE, distill.clip_objective(), batch)
+    vision = [k for k in changed if k.startswith(("vision_model", "visual_projection"))]
+    assert vision and not any(changed[k] for k in vision), \
+        f"image tower parameters changed: {[k for k in vision if changed[k]]}"
+    assert changed["text_projection/kernel"] and changed["logit_scale"], "the text side did not train"
+    assert losses[-1] < losses[0], f"phase-2 loss did not fall: {losses}"
+
+
+def test_parallel_pairs_files_and_resume(tmp_path):
+    tsv = tmp_path / "p.tsv"
+    tsv.write_text("a red circle\t一个红色圆形\n\na blue square\t一个蓝色正方形\n", encoding="utf-8")
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("".join(json.dumps({"en": f"text {i}", "zh": f"文本 {i}"}, ensure_ascii=False) + "\n"
+                             for i in range(10)), encoding="utf-8")
+    assert parallel.read_pairs(str(tsv)) == [("a red circle", "一个红色圆形"), ("a blue square", "一个蓝色正方形")]
+    pairs = parallel.expand_pairs(parallel.read_pairs(str(jsonl)))
+    assert len(pairs) == 20 and sum(p[2] for p in pairs) == 10
+    assert all(a == b for a, b, same in pairs if same) and all(a != b for a, b, same in pairs if not same)
+    tok_t = distill.scenes_clip_tokenizer(str(tmp_path / "t"))
+    tok_s = distill.scenes_xlmr_tokenizer(str(tmp_path / "s"))
+    make = lambda: parallel.ParallelTextPipeline(pairs, batch_size=6, teacher=TextField(tok_t, max_length=12),  # noqa: E731
+                                                 student=TextField(tok_s, max_length=12), seed=3)
+    first = make()
+    batches = [next(first) for _ in range(5)]
+    assert sum(int(b["same_language"].sum()) for b in batches[:3]) == 9, "an epoch holds half EN-EN pairs"
+    resumed = make()
+    state = None
+    probe = make()
+    for _ in range(2):
+        next(probe)
+    state = probe.get_state()
+    resumed.set_state(state)
+    for want in batches[2:]:
+        got = next(resumed)
+        assert all(np.array_equal(got[k], want[k]) for k in want), "resumed pipeline gives other batches"
+
+
+def test_tokenizers_cover_the_languages(tmp_path):
+    from altjax.data import scenes
+
+    rng = np.random.default_rng(1)
+    caps = {lang: [scenes.caption(scenes.sample_scene(rng, allow_held_out=True), lang, rng) for _ in range(300)]
+            for lang in ("en", "zh")}
+    xlmr = distill.scenes_xlmr_tokenizer(str(tmp_path / "s"))
+    for lang, texts in caps.items():
+        unknown = sum(ids.count(xlmr.unk_token_id) for ids in xlmr(texts)["input_ids"])
+        assert unknown == 0, f"student tokenizer: {unknown} unknown tokens in {lang} captions"
+    clip = distill.scenes_clip_tokenizer(str(tmp_path / "t"))
+    ids = clip(caps["en"])["input_ids"]
+    assert all(i[0] == 1022 and i[-1] == 1023 for i in ids) and not any(clip.unk_token_id in i for i in ids)
+
+
+@pytest.mark.parametrize("name,numbers", [
+    ("altclip_distill.py", dict(batch_size=1024, lr=1e-4, wd=0.1, warmup=500, clip=1.0, loss="distill")),
+    ("altclip_contrastive.py", dict(batch_size=1024, lr=2e-6, wd=0.05, warmup=2000, clip=5.0, loss="clip")),
+])
+def test_recipes_have_the_paper_numbers(name, numbers):
+    c = train.load_config(os.path.join(train.CONFIGS_DIR, name))
+    got = dict(batch_size=c.batch_size, lr=c.optimizer.learning_rate, wd=c.optimizer.weight_decay,
+               warmup=c.optimizer.warmup_steps, clip=c.optimizer.grad_clip_norm, loss=c.loss.name)
+    assert got == numbers, f"{name}: {got} != {numbers}"
+    assert c.optimizer.name == "adamw"
+    if c.loss.name == "clip":
+        assert c.loss.label_smoothing == 0.0 and c.loss.kind == "softmax" and c.freeze == distill.PHASE2_FREEZE
+    else:
+        assert c.data.same_language_pairs and c.freeze == distill.PHASE1_FREEZE
