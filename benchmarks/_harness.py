@@ -174,11 +174,16 @@ def serve(conn, spec: dict) -> None:
     """Worker main loop: build the variant, answer ``("run", what)`` with seconds, ``"memory"``
     with the peak memory, ``"stop"`` by exiting. Setup errors are sent back, not raised."""
     _setup_env()
+    threads = spec.get("threads") or os.cpu_count()
+    if spec["framework"] == "jax" and threads == 1:
+        # XLA:CPU has no thread-count setting between one and all cores: one means no Eigen pool.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
     try:
         if spec["framework"] == "torch":
             import torch
 
-            torch.set_num_threads(os.cpu_count())
+            torch.set_num_threads(threads)
         start = time.perf_counter()
         runner, info = (_build_jax if spec["framework"] == "jax" else _build_torch)(spec)
         info["setup_s"] = time.perf_counter() - start

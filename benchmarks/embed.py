@@ -38,6 +38,9 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help=f"the device's peak for MFU (default on GPU: H100 SXM dense bf16 {H.H100_BF16_DENSE_TFLOPS})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per framework (default: all cores; 1: single-threaded XLA and PyTorch, "
+                             "robust to other load on the machine)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     order = parser.add_mutually_exclusive_group()
     order.add_argument("--alternate", action="store_true")
@@ -61,11 +64,13 @@ def main(argv=None) -> None:
     alternate = args.alternate or (not args.sequential and (gpu or estimate < 0.5 * H.available_bytes()))
     count_flops = next((n for n in names if n.startswith("torch") and "compile" not in n), None)
     variants = [(n, {**H.parse_variant(n), "kind": "embed", "model": args.model, "batch_size": batch_size,
-                     "seq_len": seq_len, "warmup": args.warmup, "count_flops": n == count_flops}) for n in names]
+                     "seq_len": seq_len, "warmup": args.warmup, "threads": args.threads,
+                     "count_flops": n == count_flops}) for n in names]
 
     print(f"embed: {args.model} ({params / 1e6:.1f}M parameters), batch {batch_size}, {H.image_size(cfg)} px "
           f"images, {seq_len} tokens, median of {repeats} calls "
-          f"({'alternating' if alternate else 'one variant after another'}), {H.hardware()}")
+          f"({'alternating' if alternate else 'one variant after another'}), {H.hardware()}, "
+          f"{args.threads or os.cpu_count()} threads per framework")
     print(f"{H.versions()}, {datetime.date.today().isoformat()}")
     workers = H.run_workers(variants, ("image", "text"), repeats, alternate=alternate)
     ok = {w.label: w for w in workers if w.info is not None}
@@ -91,7 +96,7 @@ def main(argv=None) -> None:
               f"{kind + ' ' + H.fmt_bytes(mem):>16}{rate:>13.1f}{mfu:>7}")
     if args.json:
         H.write_json(args.json, {"kind": "embed", "model": args.model, "batch_size": batch_size, "seq_len": seq_len,
-                                 "date": datetime.date.today().isoformat(), "flops": flops}, workers)
+                                 "threads": args.threads or os.cpu_count(), "date": datetime.date.today().isoformat(), "flops": flops}, workers)
     analytic = H.analytic_flops(args.model, batch_size, seq_len, train=False)
     torch_counts = next((w.info["flops"] for w in ok.values() if w.spec["framework"] == "torch"
                          and w.info.get("flops")), {})

@@ -58,6 +58,9 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help=f"the device's peak for MFU (default on GPU: H100 SXM dense bf16 {H.H100_BF16_DENSE_TFLOPS})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per framework (default: all cores; 1: single-threaded XLA and PyTorch, "
+                             "robust to other load on the machine)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     order = parser.add_mutually_exclusive_group()
     order.add_argument("--alternate", action="store_true", help="all variants alive, timed in turn")
@@ -84,12 +87,14 @@ def main(argv=None) -> None:
     variants = []
     for name in names:
         spec = {**H.parse_variant(name), "kind": "train", "model": args.model, "batch_size": batch_size,
-                "seq_len": seq_len, "warmup": args.warmup, "count_flops": name == count_flops}
+                "seq_len": seq_len, "warmup": args.warmup, "threads": args.threads,
+                "count_flops": name == count_flops}
         variants.append((name, spec))
 
     print(f"train step: {args.model} ({params / 1e6:.1f}M parameters), batch {batch_size}, "
           f"{H.image_size(cfg)} px images, {seq_len} tokens, median of {repeats} steps "
-          f"({'alternating' if alternate else 'one variant after another'}), {H.hardware()}")
+          f"({'alternating' if alternate else 'one variant after another'}), {H.hardware()}, "
+          f"{args.threads or os.cpu_count()} threads per framework")
     print(f"{H.versions()}, {datetime.date.today().isoformat()}")
     workers = H.run_workers(variants, ("step",), repeats, alternate=alternate)
 
@@ -112,7 +117,7 @@ def main(argv=None) -> None:
     _print_flops(ok, args.model, batch_size, seq_len, model_flops, source)
     if args.json:
         H.write_json(args.json, {"kind": "train", "model": args.model, "batch_size": batch_size, "seq_len": seq_len,
-                                 "date": datetime.date.today().isoformat(), "flops": model_flops,
+                                 "threads": args.threads or os.cpu_count(), "date": datetime.date.today().isoformat(), "flops": model_flops,
                                  "flops_source": source}, workers)
     for name, w in ok.items():
         spec = w.spec
