@@ -37,7 +37,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help=f"the device's peak for MFU (default on GPU: H100 SXM dense bf16 {H.H100_BF16_DENSE_TFLOPS})")
+                        help="the device's peak for MFU (default on GPU: H100 SXM dense bf16 "
+                             f"{H.H100_BF16_DENSE_TFLOPS})")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per framework (default: all cores; 1: single-threaded XLA and PyTorch, "
                              "robust to other load on the machine)")
@@ -96,7 +97,8 @@ def main(argv=None) -> None:
               f"{kind + ' ' + H.fmt_bytes(mem):>16}{rate:>13.1f}{mfu:>7}")
     if args.json:
         H.write_json(args.json, {"kind": "embed", "model": args.model, "batch_size": batch_size, "seq_len": seq_len,
-                                 "threads": args.threads or os.cpu_count(), "date": datetime.date.today().isoformat(), "flops": flops}, workers)
+                                 "threads": args.threads or os.cpu_count(), "date": datetime.date.today().isoformat(),
+                                 "flops": flops}, workers)
     analytic = H.analytic_flops(args.model, batch_size, seq_len, train=False)
     torch_counts = next((w.info["flops"] for w in ok.values() if w.spec["framework"] == "torch"
                          and w.info.get("flops")), {})
@@ -113,7 +115,8 @@ def main(argv=None) -> None:
         ref = ok.get(f"torch-{w.spec['precision']}")
         if ref is None:
             continue
-        print(f"ratio {H.describe(name)} / {H.describe(ref.label)}: images {ref.median('image') / w.median('image'):.2f}x, "
+        print(f"ratio {H.describe(name)} / {H.describe(ref.label)}: "
+              f"images {ref.median('image') / w.median('image'):.2f}x, "
               f"texts {ref.median('text') / w.median('text'):.2f}x throughput")
 
 

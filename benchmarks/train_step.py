@@ -57,7 +57,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help=f"the device's peak for MFU (default on GPU: H100 SXM dense bf16 {H.H100_BF16_DENSE_TFLOPS})")
+                        help="the device's peak for MFU (default on GPU: H100 SXM dense bf16 "
+                             f"{H.H100_BF16_DENSE_TFLOPS})")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per framework (default: all cores; 1: single-threaded XLA and PyTorch, "
                              "robust to other load on the machine)")
@@ -117,7 +118,8 @@ def main(argv=None) -> None:
     _print_flops(ok, args.model, batch_size, seq_len, model_flops, source)
     if args.json:
         H.write_json(args.json, {"kind": "train", "model": args.model, "batch_size": batch_size, "seq_len": seq_len,
-                                 "threads": args.threads or os.cpu_count(), "date": datetime.date.today().isoformat(), "flops": model_flops,
+                                 "threads": args.threads or os.cpu_count(), "date": datetime.date.today().isoformat(),
+                                 "flops": model_flops,
                                  "flops_source": source}, workers)
     for name, w in ok.items():
         spec = w.spec
