@@ -4,12 +4,13 @@
     python benchmarks/plot.py /tmp/*.json --out benchmarks/performance_cpu.png
 
 One bar per altjax variant and run (train step: pairs/s; embed: images/s and texts/s), drawn
-with PIL, a line at 1 (parity); above it altjax is faster.
+with PIL on a log scale from a line at 1 (parity); right of it altjax is faster.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -40,19 +41,21 @@ def draw(items: list[tuple[str, float]], title: str, path: str) -> None:
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     d.text((10, 10), title, fill="black", font=font)
-    hi = max([2.0] + [r for _, r in items])
+    # Log scale, so that 0.5x and 2x are as far from parity and small and large ratios both show.
+    hi = max([2.0] + [r for _, r in items]) * 1.2
+    lo = min([0.5] + [r for _, r in items]) / 1.2
     x0 = label_w
 
     def x(v):
-        return x0 + int(bar_w * v / hi)
+        return x0 + int(bar_w * math.log(v / lo) / math.log(hi / lo))
 
     for i, (label, ratio) in enumerate(items):
         y = top + i * row_h
         d.text((10, y + 4), label, fill="black", font=font)
-        d.rectangle([x0, y + 3, x(ratio), y + row_h - 3], fill=(46, 134, 193) if ratio >= 1 else (220, 120, 60))
-        d.text((x(ratio) + 4, y + 4), f"{ratio:.2f}x", fill="black", font=font)
+        d.rectangle([min(x(1.0), x(ratio)), y + 3, max(x(1.0), x(ratio)), y + row_h - 3], fill=(46, 134, 193) if ratio >= 1 else (220, 120, 60))
+        d.text((max(x(1.0), x(ratio)) + 4, y + 4), f"{ratio:.2f}x", fill="black", font=font)
     d.line([x(1.0), top - 4, x(1.0), top + row_h * len(items)], fill="black", width=1)
-    d.text((x(1.0) - 30, top + row_h * len(items) + 6), "1 = parity; right: altjax faster", fill="black", font=font)
+    d.text((x(1.0) - 30, top + row_h * len(items) + 6), "1 = parity; right: altjax faster (log scale)", fill="black", font=font)
     img.save(path)
 
 
