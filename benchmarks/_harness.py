@@ -430,14 +430,27 @@ class Worker:
         self.info = msg[1]
         return True
 
+    def _died(self) -> None:
+        # Killed while running (on a small machine: by the kernel's OOM killer): reported, not fatal.
+        self.process.join(5)
+        self.error = f"worker died while running (exit code {self.process.exitcode}; out of memory?)"
+        self.info, self.ready = None, False
+
     def run(self, what: str) -> None:
-        self.conn.send(("run", what))
-        self.times.setdefault(what, []).append(self.conn.recv())
+        try:
+            self.conn.send(("run", what))
+            self.times.setdefault(what, []).append(self.conn.recv())
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            self._died()
 
     def finish(self) -> None:
-        self.conn.send("memory")
-        self.info["memory"] = self.conn.recv()
-        self.conn.send("stop")
+        try:
+            self.conn.send("memory")
+            self.info["memory"] = self.conn.recv()
+            self.conn.send("stop")
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            self._died()
+            return
         self.process.join(60)
 
     def median(self, what: str) -> float:
@@ -453,9 +466,11 @@ def run_workers(variants: list[tuple[str, dict]], whats: tuple[str, ...], repeat
         for _ in range(repeats):
             for w in ready:
                 for what in whats:
-                    w.run(what)
+                    if w.ready:
+                        w.run(what)
         for w in ready:
-            w.finish()
+            if w.ready:
+                w.finish()
 
     workers = []
     if alternate:
