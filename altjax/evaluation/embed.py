@@ -112,8 +112,8 @@ def local_mesh(mesh: Mesh) -> Mesh:
     return make_mesh(data=-1, devices=mine)
 
 
-def max_text_length(model: nnx.Module) -> int:
-    """The longest token sequence the model's text tower can position-embed.
+def max_text_length(model: nnx.Module) -> Optional[int]:
+    """The longest token sequence the model's text tower can position-embed (None: no config to tell).
 
     XLM-R (AltCLIP) numbers positions from ``pad_token_id + 1``, so it takes
     ``max_position_embeddings - pad_token_id - 1`` tokens; beyond that a lookup would silently
@@ -121,7 +121,9 @@ def max_text_length(model: nnx.Module) -> int:
     """
     from altjax.models.xlm_roberta import XLMRobertaConfig
 
-    text = model.config.text_config
+    text = getattr(getattr(model, "config", None), "text_config", None)
+    if text is None:
+        return None
     if isinstance(text, XLMRobertaConfig):
         return text.max_position_embeddings - text.pad_token_id - 1
     return text.max_position_embeddings
@@ -153,9 +155,11 @@ class Embedder:
         self.processor = processor
         defaults = getattr(processor, "text_defaults", {}) or {}
         limit = max_text_length(model)
-        if text_length is not None and text_length > limit:
+        if text_length is not None and limit is not None and text_length > limit:
             raise ValueError(f"text_length {text_length} exceeds the {limit} tokens the model's text tower takes")
-        self.text_length = min(int(text_length or defaults.get("max_length") or DEFAULT_TEXT_LENGTH), limit)
+        self.text_length = int(text_length or defaults.get("max_length") or DEFAULT_TEXT_LENGTH)
+        if limit is not None:
+            self.text_length = min(self.text_length, limit)
         self.progress = progress and jax.process_index() == 0
         graphdef, state = nnx.split(model)
         self._graphdef = graphdef
