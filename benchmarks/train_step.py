@@ -5,6 +5,12 @@
     python benchmarks/train_step.py --model altclip-l14 --batch-size 128 --repeats 20 \\
         --variants jax-bf16,jax-bf16-remat,torch-bf16,torch-compile-bf16        # on a GPU
 
+On a bare CUDA machine (both frameworks on the one GPU, JAX without preallocation):
+
+    pip install -e . "jax[cuda12]" torch==2.13.0 transformers==5.23.0    # torch's default wheel is CUDA
+    python benchmarks/train_step.py --model altclip-l14 --batch-size 128 --repeats 20 --json l14.json
+    python benchmarks/embed.py --model altclip-l14 --batch-size 256 --repeats 20 --json l14-embed.json
+
 A step is the forward of both towers, the model's contrastive loss (ALIGN: label-smoothed softmax
 over logits / temperature; AltCLIP: CLIP's symmetric cross-entropy over logits * exp(logit_scale)),
 the backward and an AdamW update of every parameter (lr 1e-4, weight decay 0.01, PyTorch's
