@@ -30,7 +30,8 @@ def bars(results: list[dict]) -> list[tuple[str, float]]:
             for what in whats:
                 ratio = ref["medians"][what] / row["medians"][what]
                 suffix = "" if what == "step" else f" {what}s"
-                out.append((f"{r['kind']} {r['model']} b{r['batch_size']}: {row['label']}{suffix}", ratio))
+                threads = f", {r['threads']} thr" if r.get("threads") else ""
+                out.append((f"{r['kind']} {r['model']} b{r['batch_size']}{threads}: {row['label']}{suffix}", ratio))
     return out
 
 
