@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from altjax.models import heads, layers
-from altjax.models.configuration import config_from_hf, config_to_hf
+from altjax.models.configuration import config_to_hf, dual_encoder_config_from_hf
 from altjax.models.outputs import DualEncoderOutput
 from altjax.models.vit import CLIPVision, CLIPVisionConfig
 from altjax.models.xlm_roberta import AltCLIPText, XLMRobertaConfig
@@ -51,19 +51,8 @@ class AltCLIPConfig:
         tower field then comes from the legacy dict (or its default), other keys of
         ``text_config`` / ``vision_config`` are kept.
         """
-        got = d.get("model_type")
-        if got != MODEL_TYPE:
-            raise ValueError(f"not an AltCLIP config: model_type is {got!r}, expected {MODEL_TYPE!r}")
-        d = dict(d)
-        text = dict(d.get("text_config") or {})
-        vision = dict(d.get("vision_config") or {})
-        if (legacy := d.pop("text_config_dict", None)) is not None:
-            text.update(config_to_hf(XLMRobertaConfig.from_hf(legacy)))
-        if (legacy := d.pop("vision_config_dict", None)) is not None:
-            vision.update(config_to_hf(CLIPVisionConfig.from_hf(legacy)))
-        return config_from_hf(
-            cls, d, text_config=XLMRobertaConfig.from_hf(text), vision_config=CLIPVisionConfig.from_hf(vision)
-        )
+        return dual_encoder_config_from_hf(cls, d, model_type=MODEL_TYPE, text_cls=XLMRobertaConfig,
+                                           vision_cls=CLIPVisionConfig, what="an AltCLIP")
 
     def to_hf(self) -> dict[str, Any]:
         """The HF config dict; ``from_hf(d).to_hf() == d`` for a dict written by transformers."""
