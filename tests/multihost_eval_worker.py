@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from test_align import randomise_
+
 # --- a tiny random ALIGN as an HF directory -------------------------------------------------------
 
 IMAGE_SIZE = 33
@@ -32,33 +34,6 @@ PROCESSOR_CONFIG = {
     "resample": 2, "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 127.5,
     "rescale_offset": True, "do_normalize": False, "include_top": False,
 }
-
-
-def _randomise_(model, seed: int):
-    """O(1) activations (the default 0.02-std init makes every text embedding nearly the same)
-    and random BatchNorm statistics."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name == "temperature":
-                continue
-            if p.ndim == 1 and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            elif "embeddings" in name and p.ndim == 2:
-                p.copy_(0.5 * noise)
-            else:
-                p.copy_(noise / float(np.prod(p.shape[1:])) ** 0.5)
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
-            elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=gen))
-    return model
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +58,8 @@ def build_tiny_align(directory: str, seed: int = 0) -> str:
     config = transformers.AlignConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
                                       projection_dim=40, temperature_init_value=0.5)
     torch.manual_seed(seed)
-    _randomise_(transformers.AlignModel(config), seed).eval().save_pretrained(directory)
+    # O(1) activations: the default 0.02-std init makes every text embedding nearly the same.
+    randomise_(transformers.AlignModel(config), seed).eval().save_pretrained(directory)
     # bert-base-uncased's vocab.txt, shipped in that package; the fast tokenizer is built from a
     # directory holding it (its constructor's vocab_file argument builds an empty vocabulary).
     vocab_dir = os.path.join(directory, "vocab")
