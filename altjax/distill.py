@@ -308,7 +308,8 @@ def clip_objective(*, kind: str = "softmax", label_smoothing: float = 0.0, learn
                    impl: str = "gather") -> Objective:
     """CLIP's (and AltCLIP phase 2's) loss: the symmetric contrastive loss of the normalised
     embeddings with logits scaled by ``exp(logit_scale)`` (:func:`altjax.losses.contrastive_loss`,
-    sharded; ``kind`` "softmax", or "sigmoid" with bias ``-10``, the SigLIP initialisation).
+    sharded; ``kind`` "softmax", or "sigmoid" with the bias fixed at
+    :data:`altjax.losses.SIGLIP_LOGIT_BIAS`).
     ``learn_temperature=False`` holds ``logit_scale`` at its value (no gradient reaches it)."""
 
     def features(model, batch):
@@ -323,7 +324,7 @@ def clip_objective(*, kind: str = "softmax", label_smoothing: float = 0.0, learn
             scale = jax.lax.stop_gradient(scale)
         logit_scale = jnp.exp(scale)
         value = losses.contrastive_loss(feats["image_embeds"], feats["text_embeds"], kind=kind,
-                                        logit_scale=logit_scale, logit_bias=-10.0 if kind == "sigmoid" else None,
+                                        logit_scale=logit_scale, logit_bias=losses.SIGLIP_LOGIT_BIAS if kind == "sigmoid" else None,
                                         label_smoothing=label_smoothing, mesh=mesh, impl=impl)
         return value, {"temperature": 1.0 / logit_scale}
 

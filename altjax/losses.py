@@ -29,6 +29,9 @@ from altjax.sharding import batch_axes, batch_size_divisor
 
 KINDS = ("softmax", "sigmoid")
 IMPLS = ("gather", "ring")
+# SigLIP's initial logit bias (with logit_scale 10): the training recipes that use the sigmoid loss
+# on towers without a bias parameter hold it at this value.
+SIGLIP_LOGIT_BIAS = -10.0
 
 
 def _sum(row_sums):

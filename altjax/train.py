@@ -11,13 +11,17 @@ The workdir receives ``config.json`` (the resolved config), ``checkpoints/`` (or
 ``checkpoint_every`` steps, asynchronous, the last ``keep_checkpoints``), ``metrics.jsonl`` (one
 JSON object per logged step: ``step``, ``loss``, ``learning_rate``, ``temperature``,
 ``grad_norm``, ``examples_per_sec``, ``skipped_examples``), TensorBoard event files,
-``eval_results.json`` (every ``eval_every`` steps and at the end) and, at the end, the trained
+``eval_results.json`` (the latest evaluation: every ``eval_every`` steps and at the end),
+``evals.jsonl`` (every evaluation, one JSON object each: ``step`` and the results by
+evaluation name, e.g. ``{"step": 200, "retrieval/scenes/en": {"t2i_r1": ...}}``) and, at the end, the trained
 model in ``model/`` (an altjax directory with its processor files: ``altjax-eval --checkpoint
 DIR/model`` reads it). Run again on the same workdir, it resumes from the newest checkpoint that
 restores: the parameters, optimiser, BatchNorm statistics, dropout keys and input pipeline
 position are all in the checkpoint, so the resumed run computes the same losses, step for step,
-as one that was never interrupted; ``metrics.jsonl`` is cut back to the restored step first.
-SIGTERM (preemption) saves a checkpoint and exits with status 143. A non-finite loss or gradient
+as one that was never interrupted; ``metrics.jsonl`` and ``evals.jsonl`` are cut back to the
+restored step first.
+A run that had finished returns its last evaluation without training, evaluating or exporting
+again. SIGTERM (preemption) saves a checkpoint and exits with status 143. A non-finite loss or gradient
 stops the run with status 1 before anything of that step is saved.
 
 Multi-host: ``--distributed`` calls ``jax.distributed.initialize()`` first (with
@@ -244,7 +248,8 @@ def evaluate(model, processor, sets: dict[str, Any], *, mesh, batch_size: int, t
 # ----- logs -----
 
 class MetricsLog:
-    """``metrics.jsonl``: appended one line per logged step; on resume, cut back to a step."""
+    """A JSON-lines log of records with a ``step`` (``metrics.jsonl``, ``evals.jsonl``): appended
+    one line per record; on resume, cut back to a step."""
 
     def __init__(self, path: str, enabled: bool):
         self.path, self.enabled = path, enabled
@@ -273,10 +278,15 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """The records of ``workdir/metrics.jsonl``."""
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+def read_metrics(workdir: str, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
+    """The records of ``workdir/metrics.jsonl`` (or of ``name``, e.g. ``"evals.jsonl"``)."""
+    with open(os.path.join(workdir, name), encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_evals(workdir: str) -> list[dict[str, Any]]:
+    """Every evaluation of a run, in step order: ``[{"step": 0, "retrieval/scenes/en": {...}}, ...]``."""
+    return read_metrics(workdir, "evals.jsonl")
 
 
 def _console(line: str) -> None:
@@ -353,6 +363,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         pipeline = distill.build_pipeline(config, processor, processor_dir, mesh)
     exported = (lambda m: m) if kind == "align" else distill.exported
     metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), primary)
+    eval_log = MetricsLog(os.path.join(workdir, "evals.jsonl"), primary)
     step = 0
     restored = checkpointer.restore_latest()
     if restored is not None:
@@ -360,6 +371,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         pipeline.set_state(data_states[jax.process_index()])
         _console(f"resumed from {checkpointer.directory}/{step}")
     metrics_log.truncate(step)
+    eval_log.truncate(step)
 
     # purge_step: TensorBoard drops events a previous attempt logged after the restored step.
     writer = EventWriter(workdir, purge_step=step + 1 if restored else None) if primary else None
@@ -371,6 +383,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                            text_length=int(config.data.max_length))
         if primary:
             write_results(os.path.join(workdir, "eval_results.json"), results)
+            eval_log.write({"step": at, **results})
             for key, values in results.items():
                 for name, value in values.items():
                     writer.add_scalar(f"eval/{key}/{name}", value, at)
@@ -433,14 +446,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 sys.exit(SIGTERM_EXIT)
             if config.eval_every and step % int(config.eval_every) == 0 and step < total:
                 eval_results = run_eval(step)
-        if config.eval.at_end and sets:
+        export = os.path.join(workdir, "model")
+        # A run that had finished before is not evaluated or exported again (a notebook or script
+        # re-running it gets its results at no cost).
+        done_before = restored is not None and restored[0] >= total
+        previous_evals = [r for r in read_metrics(workdir, "evals.jsonl") if r["step"] == step] \
+            if done_before and os.path.exists(eval_log.path) else []
+        if previous_evals:
+            eval_results = {k: v for k, v in previous_evals[-1].items() if k != "step"}
+        elif config.eval.at_end and sets:
             eval_results = run_eval(step)
         checkpointer.wait()
-        export = os.path.join(workdir, "model")
-        model = exported(nnx.merge(graphdef, state["params"], state["frozen"], state["rest"]))
-        model.eval()
-        model.name_or_path = processor_dir
-        model.save_pretrained(export, overwrite=True)
+        if not (done_before and os.path.isdir(export)):
+            model = exported(nnx.merge(graphdef, state["params"], state["frozen"], state["rest"]))
+            model.eval()
+            model.name_or_path = processor_dir
+            model.save_pretrained(export, overwrite=True)
     finally:
         if progress is not None:
             progress.close()

@@ -57,13 +57,17 @@ def _remat(fn, policy: Optional[str]):
     return nnx.remat(fn, policy=getattr(jax.checkpoint_policies, policy))
 
 
-def align_objective(*, label_smoothing: float = 0.1, impl: str = "gather",
-                    remat_policy: Optional[str] = None) -> Objective:
+def align_objective(*, kind: str = "softmax", label_smoothing: float = 0.1, learn_temperature: bool = True,
+                    impl: str = "gather", remat_policy: Optional[str] = None) -> Objective:
     """ALIGN's loss: the symmetric softmax cross-entropy of the normalised embeddings with logits
-    divided by the learned ``temperature`` and label smoothing (ALIGN: 0.1). ``impl`` picks the
-    sharded loss ("gather" or "ring", see :mod:`altjax.losses`). ``remat_policy``, the name of a
-    ``jax.checkpoint_policies`` policy ("nothing_saveable": recompute everything), rematerialises
-    each tower separately in the backward pass; None stores the activations."""
+    divided by the learned ``temperature`` and label smoothing (ALIGN: 0.1). ``kind="sigmoid"``
+    swaps in SigLIP's loss at the same scale, with the bias fixed at SigLIP's initial
+    :data:`altjax.losses.SIGLIP_LOGIT_BIAS` (the towers hold no bias parameter); label smoothing
+    does not apply to it. ``learn_temperature=False`` holds ``temperature`` at its value (no
+    gradient reaches it). ``impl`` picks the sharded loss ("gather" or "ring", see
+    :mod:`altjax.losses`). ``remat_policy``, the name of a ``jax.checkpoint_policies`` policy
+    ("nothing_saveable": recompute everything), rematerialises each tower separately in the
+    backward pass; None stores the activations."""
 
     image_features = _remat(lambda m, x: m.get_image_features(x), remat_policy)
     text_features = _remat(lambda m, ids, mask, types: m.get_text_features(ids, mask, types), remat_policy)
@@ -76,9 +80,12 @@ def align_objective(*, label_smoothing: float = 0.1, impl: str = "gather",
 
     def loss(model, feats, mesh):
         temperature = model.temperature[...]
-        value = losses.contrastive_loss(feats["image_embeds"], feats["text_embeds"], kind="softmax",
-                                        logit_scale=1.0 / temperature, label_smoothing=label_smoothing,
-                                        mesh=mesh, impl=impl)
+        if not learn_temperature:
+            temperature = jax.lax.stop_gradient(temperature)
+        value = losses.contrastive_loss(
+            feats["image_embeds"], feats["text_embeds"], kind=kind, logit_scale=1.0 / temperature,
+            logit_bias=losses.SIGLIP_LOGIT_BIAS if kind == "sigmoid" else None,
+            label_smoothing=label_smoothing if kind == "softmax" else 0.0, mesh=mesh, impl=impl)
         return value, {"temperature": temperature}
 
     return Objective(features, loss)
@@ -89,8 +96,9 @@ def objective_from_config(config) -> Objective:
     and ``"clip"`` (phase 2, and CLIP) from :mod:`altjax.distill`."""
     name = config.loss.name
     if name == "align":
-        return align_objective(label_smoothing=float(config.loss.label_smoothing), impl=config.loss.impl,
-                               remat_policy=config.remat_policy if config.remat else None)
+        return align_objective(kind=config.loss.get("kind", "softmax"), label_smoothing=float(config.loss.label_smoothing),
+                               learn_temperature=bool(config.loss.get("learn_temperature", True)),
+                               impl=config.loss.impl, remat_policy=config.remat_policy if config.remat else None)
     if name in ("distill", "clip"):
         from altjax import distill
 

@@ -73,7 +73,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "align"
+    # "softmax" (ALIGN) or "sigmoid" (SigLIP's loss, bias fixed at -10).
+    c.loss.kind = "softmax"
     c.loss.label_smoothing = 0.1
+    # False holds model.temperature at temperature_init_value.
+    c.loss.learn_temperature = True
     c.loss.impl = "gather"
 
     c.eval = ml_collections.ConfigDict()

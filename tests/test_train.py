@@ -7,6 +7,7 @@ step for step. The runs share a JAX compilation cache, so only the first one com
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,6 +157,9 @@ def test_reference_run_writes_logs_evaluations_and_model(reference):
     results = json.load(open(workdir / "eval_results.json"))
     assert set(results) == {"retrieval/scenes/en", "zeroshot/scenes/en"}, f"eval_results keys {sorted(results)}"
     assert set(results["retrieval/scenes/en"]) >= {"t2i_r1", "i2t_r1", "mr"} and "top1" in results["zeroshot/scenes/en"]
+    history = train.read_evals(str(workdir))
+    assert [e["step"] for e in history] == [12, 24], f"evals.jsonl steps {[e['step'] for e in history]}"
+    assert history[-1] == {"step": 24, **results}, "the last line of evals.jsonl is not eval_results.json"
 
     tags = {}
     for event in read_events(workdir):
@@ -178,6 +182,20 @@ def test_reference_run_writes_logs_evaluations_and_model(reference):
     assert inputs["input_ids"].shape == (1, 16), f"exported processor pads to {inputs['input_ids'].shape[1]}, not 16"
     assert inputs["pixel_values"].shape == (1, 16, 16, 3), f"exported processor gives {inputs['pixel_values'].shape}"
     assert abs(float(model.temperature[...]) - records[-1]["temperature"]) < 1e-2, "exported temperature"
+
+
+def test_rerunning_a_finished_run_changes_nothing(reference, data, tmp_path, tmp_path_factory):
+    workdir = tmp_path / "finished"
+    shutil.copytree(reference, workdir)
+    before = {name: (workdir / name).read_bytes() for name in ("evals.jsonl", "eval_results.json", "metrics.jsonl")}
+    exported = (workdir / "model" / "config.json").stat().st_mtime_ns
+    out = finish(run_cli(workdir, data, jax_cache(tmp_path_factory), "eval_every=12", "eval.at_end=true"), "rerun")
+    after = {name: (workdir / name).read_bytes() for name in before}
+    changed = [name for name in before if before[name] != after[name]]
+    assert not changed, f"re-running a finished run rewrote {changed}\n{out}"
+    assert (workdir / "model" / "config.json").stat().st_mtime_ns == exported, "the model was exported again"
+    assert "resumed from" in out and "step 24/24" not in out and "step 24: " not in out, \
+        f"the finished run trained or evaluated again:\n{out}"
 
 
 def test_preempted_diverged_killed_and_damaged_run_ends_like_the_uninterrupted_one(reference, data, tmp_path,

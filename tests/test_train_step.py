@@ -46,9 +46,9 @@ def train_model(config, seed=0, dtype=jnp.float32):
     return model
 
 
-def grads_of(config, batch, *, accum=1, remat=None, mesh=None, dtype=jnp.float32):
+def grads_of(config, batch, *, accum=1, remat=None, mesh=None, dtype=jnp.float32, objective=None):
     graphdef, params, frozen, rest = split_model(train_model(config, dtype=dtype), optim.trainable_filter(""))
-    objective = align_objective(remat_policy=remat)
+    objective = objective or align_objective(remat_policy=remat)
     fn = jax.jit(lambda p, r, b: loss_and_grads(graphdef, objective, p, frozen, r, b, mesh=mesh, accum_steps=accum))
     value, metrics, grads, new_rest = fn(params, rest, batch)
     return float(value), grads, new_rest
@@ -93,6 +93,30 @@ def test_step_loss_and_gradients_equal_the_models_return_loss(big_batch):
     ref_value, ref_grads = reference(model)
     assert_close(value, ref_value, atol=1e-6, what="train-step loss vs AlignModel(return_loss=True).loss")
     assert_trees_close(grads, ref_grads, 1e-6, "gradient vs the model's loss")
+
+
+def test_sigmoid_and_fixed_temperature_variants(big_batch):
+    """``kind="sigmoid"``: SigLIP's loss of the model's embeddings at logit scale 1/temperature and
+    bias -10; ``learn_temperature=False``: the same loss and gradients, but none for the temperature."""
+    from altjax import losses
+
+    batch, (value, grads, _) = big_batch
+    model = train_model(GROUPED)
+    out = nnx.jit(lambda m: m(**batch))(model)
+    want = losses.contrastive_loss(out.image_embeds, out.text_embeds, kind="sigmoid",
+                                   logit_scale=1.0 / model.temperature[...], logit_bias=-10.0)
+    sig_value, _, _ = grads_of(GROUPED, batch, objective=align_objective(kind="sigmoid"))
+    assert_close(sig_value, float(want), atol=1e-5, what="sigmoid objective vs contrastive_loss(kind='sigmoid')")
+    assert abs(sig_value - value) > 1e-3, f"sigmoid loss {sig_value} equals the softmax loss {value}"
+
+    fixed_value, fixed_grads, _ = grads_of(GROUPED, batch, objective=align_objective(learn_temperature=False))
+    assert_close(fixed_value, value, atol=1e-6, what="loss with the temperature held")
+    assert float(np.abs(flat(fixed_grads)["temperature"]).max()) == 0.0, "the held temperature has a gradient"
+    assert abs(float(flat(grads)["temperature"])) > 0, "the learned temperature has no gradient"
+    held, learned = flat(fixed_grads), flat(grads)
+    scale = max(float(np.max(np.abs(v))) for v in learned.values())
+    for key in learned.keys() - {"temperature"}:
+        assert_close(held[key], learned[key], atol=1e-6 * scale, what=f"gradient of {key} with the temperature held")
 
 
 def test_gradient_accumulation_equals_one_big_batch(big_batch):
