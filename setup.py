@@ -36,6 +36,8 @@ setup(
         "importlib_resources",
     ],
     extras_require={
+        # notebooks/: plots, and a kernel to run them headless (``jupyter execute NOTEBOOK``).
+        "notebooks": ["matplotlib>=3.8", "ipykernel>=6", "nbclient>=0.10", "nbformat>=5.10"],
         # The PyTorch reference and everything the test suite needs. torch is pinned to the CPU wheel
         # available on the project machines; an unpinned torch pulls several GB of CUDA packages.
         "test": [
@@ -48,6 +50,11 @@ setup(
             # Real photos for the bit-exact preprocessing tests (shipped inside these packages).
             "scikit-learn",
             "scikit-image",
+            # tests/test_notebooks.py executes notebooks/ (the "notebooks" extra).
+            "matplotlib>=3.8",
+            "ipykernel>=6",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
         ],
     },
     entry_points={

@@ -34,6 +34,7 @@ VISION = dict(image_size=64, patch_size=8, hidden_size=64, intermediate_size=256
 TEXT = dict(vocab_size=-1, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
             max_position_embeddings=48, project_dim=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 EVALS = ("retrieval/scenes/en", "retrieval/scenes/zh")
+STEPS = {"teacher": 400, "phase1": 300, "phase2": 150}  # at --scale 1
 
 
 def _common(c, steps: int, lr: float, warmup: int) -> None:
@@ -100,6 +101,11 @@ def phase2_config(steps: int, student_dir: str):
     return c
 
 
+def scaled_steps(scale: float) -> dict[str, int]:
+    """Each run's steps at ``scale`` (at least 1)."""
+    return {k: max(1, int(round(v * scale))) for k, v in STEPS.items()}
+
+
 def run_phase(config, workdir: str) -> dict:
     """Trains ``config`` in ``workdir`` (unless it finished before); its final evaluation."""
     from altjax import train
@@ -136,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="altclip-demo", help="where the runs are written (default: %(default)s)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every run's steps (default: %(default)s)")
     args = parser.parse_args(argv)
-    steps = {"teacher": 400, "phase1": 300, "phase2": 150}
-    steps = {k: max(1, int(round(v * args.scale))) for k, v in steps.items()}
+    steps = scaled_steps(args.scale)
     workdir = os.path.abspath(args.workdir)
     start = time.perf_counter()
     evals = {}

@@ -188,3 +188,50 @@ def test_recipes_have_the_paper_numbers(name, numbers):
         assert c.loss.label_smoothing == 0.0 and c.loss.kind == "softmax" and c.freeze == distill.PHASE2_FREEZE
     else:
         assert c.data.same_language_pairs and c.freeze == distill.PHASE1_FREEZE
+
+
+@pytest.mark.parametrize("head", ["XLMRobertaModel", "XLMRobertaForMaskedLM"])
+def test_load_xlm_roberta_matches_transformers(tmp_path, head):
+    """An HF XLM-R checkpoint (bare, or with ``roberta.`` keys and an LM head) loaded into the
+    student's encoder gives transformers' hidden states; AltCLIP's own pre_LN and transformation
+    keep their initialisation."""
+    import torch
+    import transformers
+
+    from helpers import assert_rel_close
+    from test_align import randomise_
+
+    hf_config = transformers.XLMRobertaConfig(vocab_size=200, hidden_size=16, intermediate_size=32,
+                                              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=24,
+                                              type_vocab_size=1)
+    hf = randomise_(getattr(transformers, head)(hf_config), seed=3).eval()
+    hf.save_pretrained(tmp_path)
+    student = AltCLIPModel(AltCLIPConfig(
+        text_config=XLMRobertaConfig(vocab_size=200, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, max_position_embeddings=24, project_dim=8),
+        vision_config=VISION, projection_dim=8), rngs=nnx.Rngs(0))
+    kept = {name: np.array(getattr(student.text_model, name).kernel[...]) for name in ("transformation",)}
+    kept["pre_LN"] = np.array(student.text_model.pre_LN.scale[...])
+    distill.load_xlm_roberta(student, str(tmp_path))
+
+    ids = text_batch()["student_input_ids"]
+    mask = (ids != 1).astype(np.int32)
+    with torch.no_grad():
+        encoder = hf if head == "XLMRobertaModel" else hf.roberta
+        want = encoder(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).last_hidden_state
+    got = student.text_model.roberta(ids, mask).last_hidden_state
+    assert_rel_close(got, want.numpy(), rtol=1e-5, what=f"student encoder after load_xlm_roberta({head}) vs transformers")
+    assert np.array_equal(kept["transformation"], student.text_model.transformation.kernel[...]), "transformation changed"
+    assert np.array_equal(kept["pre_LN"], student.text_model.pre_LN.scale[...]), "pre_LN changed"
+
+
+def test_load_xlm_roberta_names_a_mismatched_checkpoint(tmp_path):
+    import transformers
+
+    transformers.XLMRobertaModel(transformers.XLMRobertaConfig(
+        vocab_size=200, hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=24, type_vocab_size=1)).save_pretrained(tmp_path)
+    student = tiny_models().student
+    with pytest.raises(ValueError, match=r"shape mismatches .*has \(200, 24\), the model expects \(200, 16\)") as error:
+        distill.load_xlm_roberta(student, str(tmp_path))
+    assert str(tmp_path) in str(error.value) and "\n" not in str(error.value), f"unclear error: {error.value}"
