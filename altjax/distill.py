@@ -341,12 +341,38 @@ def objective(config) -> Objective:
 
 # ----- input pipelines -----
 
+def image_text_source(data) -> tuple[Any, tuple[str, ...]]:
+    """``(source, caption fields)`` of a CLIP / phase-2 ``config.data``: the scenes dataset with the
+    captions of ``data.langs``, or any source :func:`altjax.train.build_source` reads (tfds,
+    webdataset, tfrecord, array_record) with one caption field per language in
+    ``data.caption_keys``."""
+    from altjax.data import scenes
+    from altjax.train import build_source
+
+    if data.source == "scenes":
+        source = scenes.source(data.split, data_dir=data.data_dir or None, config=scenes.scenes_config(**data.scenes))
+        return source, tuple(f"caption_{lang}" for lang in data.langs)
+    keys = tuple(data.get("caption_keys", ()) or ())
+    if not keys:
+        raise ValueError(f"data.source {data.source!r}: set data.caption_keys to the caption field of each "
+                         "language, e.g. ('en.txt', 'zh.txt') for a WebDataset")
+    return build_source(_with_caption_key(data, keys[0]), data.split), keys
+
+
+def _with_caption_key(data, key: str):
+    import ml_collections
+
+    copy = ml_collections.ConfigDict(data.to_dict())
+    copy.caption_key = key
+    return copy
+
+
 def build_pipeline(config, processor, processor_dir: str, mesh):
     """This process's input pipeline: parallel text for ``"distill"``, else images with captions
-    in the languages ``config.data.langs`` (one drawn per example and epoch)."""
+    (:func:`image_text_source`), one caption field drawn per example and epoch."""
     from transformers import AutoTokenizer
 
-    from altjax.data import InputPipeline, parallel, scenes
+    from altjax.data import InputPipeline, parallel
     from altjax.data.preprocess import ImageTransform, TextField, clip_image_config
     from altjax.sharding import process_batch_rows
 
@@ -360,10 +386,7 @@ def build_pipeline(config, processor, processor_dir: str, mesh):
             teacher=TextField(teacher, max_length=int(config.distill.teacher_max_length)),
             student=TextField(processor.tokenizer, max_length=length), seed=int(config.seed),
             process_index=jax.process_index(), process_count=jax.process_count())
-    if data.source != "scenes":
-        raise ValueError(f"image-text data.source {data.source!r}: only 'scenes' here (use kind 'align' sources)")
-    source = parallel.MultilingualCaptions(
-        scenes.source(data.split, data_dir=data.data_dir or None, config=scenes.scenes_config(**data.scenes)), data.langs)
+    source = parallel.MultilingualCaptions(*image_text_source(data))
     image = ImageTransform(clip_image_config(int(config.model.vision.image_size)), data.augment or None)
     return InputPipeline(source, batch_size=rows.stop - rows.start, image=image,
                          texts=TextField(processor.tokenizer, max_length=length), seed=int(config.seed),

@@ -45,9 +45,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.vision = dict(image_size=224)
 
     c.data = ml_collections.ConfigDict()
+    # "scenes" (the embedded bilingual set, captions of data.langs), or tfds / webdataset / tfrecord /
+    # array_record with one caption field per language in data.caption_keys, e.g. for WebDataset
+    # shards with KEY.jpg, KEY.en.txt and KEY.zh.txt: image_key "jpg", caption_keys ("en.txt", "zh.txt").
     c.data.source = "scenes"
     c.data.langs = ("en", "zh")
     c.data.scenes = dict(image_size=64, num_train=10_000, num_validation=1_000, num_test=1_000, seed=0)
+    c.data.name = ""  # tfds dataset name
+    c.data.files = ""  # shard pattern(s) for webdataset / tfrecord / array_record
+    c.data.image_key = "image"
+    c.data.caption_keys = ()
     c.data.data_dir = ""
     c.data.split = "train"
     c.data.tokenizer = ""  # empty: model.init_from's

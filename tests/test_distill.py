@@ -159,6 +159,38 @@ def test_parallel_pairs_files_and_resume(tmp_path):
         assert all(np.array_equal(got[k], want[k]) for k in want), "resumed pipeline gives other batches"
 
 
+def test_phase2_pipeline_reads_bilingual_webdataset_shards(tmp_path):
+    """Phase 2 from WebDataset shards with ``KEY.en.txt`` and ``KEY.zh.txt``: every text is one of
+    the record's two captions, both languages occur, and a source without caption_keys is refused."""
+    from altjax.data import scenes, webdataset
+    from altjax.sharding import make_mesh
+
+    records = [scenes.generate_example(0, "train", i, 32) for i in range(16)]
+    webdataset.write_shard(tmp_path / "shard-0.tar", [
+        {"__key__": f"{i:04d}", "jpg": scenes.encode_jpeg(r["image"]), "en.txt": r["caption_en"],
+         "zh.txt": r["caption_zh"]} for i, r in enumerate(records)])
+    c = train.load_config(os.path.join(train.CONFIGS_DIR, "altclip_contrastive.py"))
+    c.batch_size, c.model.vision.image_size, c.data.max_length = 8, 32, 40
+    c.data.source, c.data.files, c.data.image_key = "webdataset", str(tmp_path / "shard-*.tar"), "jpg"
+    tokenizer = distill.scenes_xlmr_tokenizer(str(tmp_path / "tok"))
+    processor = distill.processor_for(tokenizer, 32, str(tmp_path / "proc"), 40)
+    mesh = make_mesh(data=-1, model=1)
+    with pytest.raises(ValueError, match=r"data.caption_keys"):
+        distill.build_pipeline(c, processor, str(tmp_path / "proc"), mesh)
+
+    c.data.caption_keys = ("en.txt", "zh.txt")
+    pipeline = distill.build_pipeline(c, processor, str(tmp_path / "proc"), mesh)
+    rows = [tuple(row) for _ in range(6) for row in next(pipeline)["input_ids"].tolist()]
+    pipeline.close()
+    tokens = {lang: {tuple(ids) for ids in tokenizer([r[f"caption_{lang}"] for r in records], padding="max_length",
+                                                      truncation=True, max_length=40)["input_ids"]}
+              for lang in ("en", "zh")}
+    strangers = [r for r in rows if r not in tokens["en"] | tokens["zh"]]
+    assert not strangers, f"{len(strangers)} of {len(rows)} texts are no record's caption"
+    counts = {lang: sum(r in tokens[lang] for r in rows) for lang in tokens}
+    assert min(counts.values()) >= 12, f"captions drawn per language over 48 examples: {counts}"
+
+
 def test_tokenizers_cover_the_languages(tmp_path):
     from altjax.data import scenes
 

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from altjax.data.preprocess import TextField, tokenize
+from altjax.data.sources import get_field
 
 # Batch key telling, per row, whether the student reads the teacher's sentence itself (1) or its translation (0).
 SAME_LANGUAGE = "same_language"
@@ -129,14 +130,17 @@ class ParallelTextPipeline(Iterator[dict[str, np.ndarray]]):
 
 
 class MultilingualCaptions:
-    """A scenes-like source whose caption field ``"caption"`` holds the captions of every language in
-    ``langs`` (``caption_<lang>``), so that the pipeline draws one language per example and epoch
-    (phase 2 trains on both languages). Other fields pass through."""
+    """An image-text source whose caption field ``"caption"`` holds the captions of every field in
+    ``caption_keys`` (one per language, e.g. scenes' ``caption_en``/``caption_zh`` or a
+    WebDataset's ``en.txt``/``zh.txt``), so that the pipeline draws one of them per example and
+    epoch (phase 2 trains on both languages). Other fields pass through."""
 
     caption_key = "caption"
 
-    def __init__(self, source, langs: Sequence[str]):
-        self.source, self.langs = source, tuple(langs)
+    def __init__(self, source, caption_keys: Sequence[str]):
+        if not caption_keys:
+            raise ValueError("MultilingualCaptions needs at least one caption field")
+        self.source, self.caption_keys = source, tuple(caption_keys)
         self.image_key = source.image_key
 
     def __len__(self) -> int:
@@ -144,7 +148,7 @@ class MultilingualCaptions:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = dict(self.source[index])
-        record["caption"] = [record[f"caption_{lang}"] for lang in self.langs]
+        record["caption"] = [get_field(record, key) for key in self.caption_keys]
         return record
 
     def describe(self, index: int) -> str:
