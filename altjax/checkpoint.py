@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -534,4 +535,15 @@ def _save_orbax(directory: str, params: Mapping[str, Any]) -> None:
     arrays = ocp.type_handlers.create_type_handler_registry(
         (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=arrays)
-    ocp.Checkpointer(handler).save(os.path.abspath(directory), _nest(params))
+    absl = logging.getLogger("absl")
+    absl.addFilter(_no_ocdbt_merge_warning)
+    try:
+        ocp.Checkpointer(handler).save(os.path.abspath(directory), _nest(params))
+    finally:
+        absl.removeFilter(_no_ocdbt_merge_warning)
+
+
+def _no_ocdbt_merge_warning(record: logging.LogRecord) -> bool:
+    # Without OCDBT (on purpose, above) orbax warns at every save that it found no per-process
+    # OCDBT directories to merge: nothing is wrong, and the warning names a temporary directory.
+    return "Skipping merge of OCDBT checkpoints" not in record.getMessage()

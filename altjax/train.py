@@ -435,9 +435,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         if name != "step":
                             writer.add_scalar(f"train/{name}", value, step)
                     writer.flush()
+                # The objective's own headline: the contrastive temperature, or phase 1's cosine.
+                extra = "".join(f"{name} {metrics[name]:.4f}, " for name in ("temperature", "cosine") if name in metrics)
                 _console(f"step {step}/{total}: loss {metrics['loss']:.4f}, lr {metrics['learning_rate']:.3g}, "
-                         f"temperature {metrics.get('temperature', float('nan')):.4f}, "
-                         f"{last_metrics['examples_per_sec']:.1f} examples/s, skipped {skipped}")
+                         f"{extra}{last_metrics['examples_per_sec']:.1f} examples/s, skipped {skipped}")
             if step % int(config.checkpoint_every) == 0 or step == total or terminated:
                 checkpointer.save(step, state, data_states())
             if terminated:
