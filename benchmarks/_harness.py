@@ -175,6 +175,11 @@ def serve(conn, spec: dict) -> None:
     with the peak memory, ``"stop"`` by exiting. Setup errors are sent back, not raised."""
     _setup_env()
     threads = spec.get("threads") or os.cpu_count()
+    if threads < (os.cpu_count() or 1) and hasattr(os, "sched_setaffinity"):
+        # Pinned to the first `threads` cores (both frameworks the same ones; they run in turn):
+        # XLA:CPU keeps worker threads of its own even with its Eigen pool off, so a thread count
+        # alone let the JAX side use two cores under --threads 1.
+        os.sched_setaffinity(0, set(range(threads)))
     if spec["framework"] == "jax" and threads == 1:
         # XLA:CPU has no thread-count setting between one and all cores: one means no Eigen pool.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +

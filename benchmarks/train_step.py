@@ -66,8 +66,8 @@ def main(argv=None) -> None:
                         help="the device's peak for MFU (default on GPU: H100 SXM dense bf16 "
                              f"{H.H100_BF16_DENSE_TFLOPS})")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads per framework (default: all cores; 1: single-threaded XLA and PyTorch, "
-                             "robust to other load on the machine)")
+                        help="CPU cores per framework, each process pinned to the first N (default: all; 1: "
+                             "single-threaded PyTorch and XLA without its Eigen pool, on one core)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     order = parser.add_mutually_exclusive_group()
     order.add_argument("--alternate", action="store_true", help="all variants alive, timed in turn")
