@@ -45,7 +45,7 @@ from altjax.models import layers
 from altjax.models.altclip import AltCLIPConfig, AltCLIPModel
 from altjax.models.clip import CLIPConfig, CLIPModel
 from altjax.models.clip_text import CLIPTextTeacher
-from altjax.train_step import Objective
+from altjax.train_step import Objective, logit_bias
 
 KINDS = ("clip", "altclip", "distill")
 TARGETS = ("pooled", "projected")
@@ -308,8 +308,8 @@ def clip_objective(*, kind: str = "softmax", label_smoothing: float = 0.0, learn
                    impl: str = "gather") -> Objective:
     """CLIP's (and AltCLIP phase 2's) loss: the symmetric contrastive loss of the normalised
     embeddings with logits scaled by ``exp(logit_scale)`` (:func:`altjax.losses.contrastive_loss`,
-    sharded; ``kind`` "softmax", or "sigmoid" with the bias fixed at
-    :data:`altjax.losses.SIGLIP_LOGIT_BIAS`).
+    sharded; ``kind`` "softmax", or "sigmoid" with the bias
+    :func:`altjax.train_step.logit_bias`).
     ``learn_temperature=False`` holds ``logit_scale`` at its value (no gradient reaches it)."""
 
     def features(model, batch):
@@ -324,7 +324,7 @@ def clip_objective(*, kind: str = "softmax", label_smoothing: float = 0.0, learn
             scale = jax.lax.stop_gradient(scale)
         logit_scale = jnp.exp(scale)
         value = losses.contrastive_loss(feats["image_embeds"], feats["text_embeds"], kind=kind,
-                                        logit_scale=logit_scale, logit_bias=losses.SIGLIP_LOGIT_BIAS if kind == "sigmoid" else None,
+                                        logit_scale=logit_scale, logit_bias=logit_bias(model) if kind == "sigmoid" else None,
                                         label_smoothing=label_smoothing, mesh=mesh, impl=impl)
         return value, {"temperature": 1.0 / logit_scale}
 

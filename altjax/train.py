@@ -313,7 +313,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from altjax.models.align import AlignModel
     from altjax.progress import Progress
     from altjax.tensorboard import EventWriter
-    from altjax.train_step import init_state, make_train_step, objective_from_config
+    from altjax.train_step import (attach_logit_bias, detach_logit_bias, init_state, make_train_step,
+                                   objective_from_config)
 
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -344,6 +345,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         model = sharding.sharded_init(
             lambda: AlignModel(align_config, dtype=dtype, rngs=nnx.Rngs(int(config.seed))), mesh)
     model.train()
+    sigmoid = config.loss.get("kind", "softmax") == "sigmoid" and config.loss.name != "distill"
+    if sigmoid and config.loss.get("learn_bias", True):
+        attach_logit_bias(model)
     objective = objective_from_config(config)
     trainable = optim.trainable_filter(config.freeze)
     tx = optim.build(config.optimizer, total, nnx.state(model, trainable))
@@ -361,7 +365,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         pipeline = build_pipeline(config, processor.tokenizer, mesh)
     else:
         pipeline = distill.build_pipeline(config, processor, processor_dir, mesh)
-    exported = (lambda m: m) if kind == "align" else distill.exported
+    unwrap = (lambda m: m) if kind == "align" else distill.exported
+    exported = lambda m: detach_logit_bias(unwrap(m))  # noqa: E731
     metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), primary)
     eval_log = MetricsLog(os.path.join(workdir, "evals.jsonl"), primary)
     step = 0
@@ -436,7 +441,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                             writer.add_scalar(f"train/{name}", value, step)
                     writer.flush()
                 # The objective's own headline: the contrastive temperature, or phase 1's cosine.
-                extra = "".join(f"{name} {metrics[name]:.4f}, " for name in ("temperature", "cosine") if name in metrics)
+                extra = "".join(f"{name} {metrics[name]:.4f}, " for name in ("temperature", "logit_bias", "cosine")
+                                if name in metrics)
                 _console(f"step {step}/{total}: loss {metrics['loss']:.4f}, lr {metrics['learning_rate']:.3g}, "
                          f"{extra}{last_metrics['examples_per_sec']:.1f} examples/s, skipped {skipped}")
             if step % int(config.checkpoint_every) == 0 or step == total or terminated:

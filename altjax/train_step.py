@@ -61,9 +61,8 @@ def align_objective(*, kind: str = "softmax", label_smoothing: float = 0.1, lear
                     impl: str = "gather", remat_policy: Optional[str] = None) -> Objective:
     """ALIGN's loss: the symmetric softmax cross-entropy of the normalised embeddings with logits
     divided by the learned ``temperature`` and label smoothing (ALIGN: 0.1). ``kind="sigmoid"``
-    swaps in SigLIP's loss at the same scale, with the bias fixed at SigLIP's initial
-    :data:`altjax.losses.SIGLIP_LOGIT_BIAS` (the towers hold no bias parameter); label smoothing
-    does not apply to it. ``learn_temperature=False`` holds ``temperature`` at its value (no
+    swaps in SigLIP's loss at the same scale, with the bias :func:`logit_bias` (learned when the
+    trainer attached one, :func:`attach_logit_bias`); label smoothing does not apply to it. ``learn_temperature=False`` holds ``temperature`` at its value (no
     gradient reaches it). ``impl`` picks the sharded loss ("gather" or "ring", see
     :mod:`altjax.losses`). ``remat_policy``, the name of a ``jax.checkpoint_policies`` policy
     ("nothing_saveable": recompute everything), rematerialises each tower separately in the
@@ -82,13 +81,37 @@ def align_objective(*, kind: str = "softmax", label_smoothing: float = 0.1, lear
         temperature = model.temperature[...]
         if not learn_temperature:
             temperature = jax.lax.stop_gradient(temperature)
+        bias = logit_bias(model) if kind == "sigmoid" else None
         value = losses.contrastive_loss(
             feats["image_embeds"], feats["text_embeds"], kind=kind, logit_scale=1.0 / temperature,
-            logit_bias=losses.SIGLIP_LOGIT_BIAS if kind == "sigmoid" else None,
-            label_smoothing=label_smoothing if kind == "softmax" else 0.0, mesh=mesh, impl=impl)
-        return value, {"temperature": temperature}
+            logit_bias=bias, label_smoothing=label_smoothing if kind == "softmax" else 0.0, mesh=mesh, impl=impl)
+        return value, {"temperature": temperature, **({"logit_bias": bias} if kind == "sigmoid" else {})}
 
     return Objective(features, loss)
+
+
+# The attribute a run of the sigmoid loss adds to the model it trains (see attach_logit_bias).
+LOGIT_BIAS = "logit_bias"
+
+
+def attach_logit_bias(model: nnx.Module, value: float = losses.SIGLIP_LOGIT_BIAS) -> None:
+    """Gives ``model`` a learnable scalar ``logit_bias`` (SigLIP's ``b``, initialised at -10) for
+    the sigmoid loss. ALIGN and AltCLIP have no such parameter, so the trainer attaches it for the
+    run (it is trained and checkpointed with the model) and :func:`detach_logit_bias` removes it
+    from what is exported, which stays an ordinary checkpoint of the reference architecture."""
+    setattr(model, LOGIT_BIAS, nnx.Param(jnp.asarray(value, jnp.float32)))
+
+
+def detach_logit_bias(model: nnx.Module) -> nnx.Module:
+    if hasattr(model, LOGIT_BIAS):
+        delattr(model, LOGIT_BIAS)
+    return model
+
+
+def logit_bias(model: nnx.Module):
+    """The model's attached ``logit_bias``, else SigLIP's initial value held fixed."""
+    bias = getattr(model, LOGIT_BIAS, None)
+    return losses.SIGLIP_LOGIT_BIAS if bias is None else bias[...]
 
 
 def objective_from_config(config) -> Objective:

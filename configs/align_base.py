@@ -76,8 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "align"
-    # "softmax" (ALIGN) or "sigmoid" (SigLIP's loss, bias fixed at -10).
+    # "softmax" (ALIGN) or "sigmoid" (SigLIP's loss; its bias starts at -10 and is learned unless
+    # learn_bias is false; it is not part of the exported model).
     c.loss.kind = "softmax"
+    c.loss.learn_bias = True
     c.loss.label_smoothing = 0.1
     # False holds model.temperature at temperature_init_value.
     c.loss.learn_temperature = True

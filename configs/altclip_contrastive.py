@@ -77,7 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "clip"
-    c.loss.kind = "softmax"
+    c.loss.kind = "softmax"  # or "sigmoid" (SigLIP's, with a bias learned from -10 unless learn_bias is false)
+    c.loss.learn_bias = True
     c.loss.label_smoothing = 0.0
     c.loss.learn_temperature = True
     c.loss.impl = "gather"

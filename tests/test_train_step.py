@@ -109,6 +109,19 @@ def test_sigmoid_and_fixed_temperature_variants(big_batch):
     assert_close(sig_value, float(want), atol=1e-5, what="sigmoid objective vs contrastive_loss(kind='sigmoid')")
     assert abs(sig_value - value) > 1e-3, f"sigmoid loss {sig_value} equals the softmax loss {value}"
 
+    # With a learnable bias attached (as the trainer does for the sigmoid loss) the bias gets its gradient.
+    from altjax.train_step import attach_logit_bias, detach_logit_bias, logit_bias
+
+    attach_logit_bias(model, -4.0)
+    graphdef, params, frozen, rest = split_model(model, optim.trainable_filter(""))
+    value_b, _, grads_b, _ = jax.jit(lambda p, r, b: loss_and_grads(
+        graphdef, align_objective(kind="sigmoid"), p, frozen, r, b, mesh=None))(params, rest, batch)
+    want_b = losses.contrastive_loss(out.image_embeds, out.text_embeds, kind="sigmoid",
+                                     logit_scale=1.0 / model.temperature[...], logit_bias=-4.0)
+    assert_close(float(value_b), float(want_b), atol=1e-5, what="sigmoid objective with a learnable bias of -4")
+    assert abs(float(flat(grads_b)["logit_bias"])) > 0, "the attached logit_bias has no gradient"
+    assert logit_bias(detach_logit_bias(model)) == -10.0 and "logit_bias" not in flat(nnx.state(model)), "detach"
+
     fixed_value, fixed_grads, _ = grads_of(GROUPED, batch, objective=align_objective(learn_temperature=False))
     assert_close(fixed_value, value, atol=1e-6, what="loss with the temperature held")
     assert float(np.abs(flat(fixed_grads)["temperature"]).max()) == 0.0, "the held temperature has a gradient"
