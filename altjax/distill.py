@@ -40,12 +40,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from altjax import losses
 from altjax.models import layers
 from altjax.models.altclip import AltCLIPConfig, AltCLIPModel
 from altjax.models.clip import CLIPConfig, CLIPModel
 from altjax.models.clip_text import CLIPTextTeacher
-from altjax.train_step import Objective, logit_bias
+from altjax.train_step import Objective, contrastive_objective, normalised
 
 KINDS = ("clip", "altclip", "distill")
 TARGETS = ("pooled", "projected")
@@ -315,20 +314,10 @@ def clip_objective(*, kind: str = "softmax", label_smoothing: float = 0.0, learn
     def features(model, batch):
         image = model.get_image_features(batch["pixel_values"])
         text = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        return {"image_embeds": layers.l2_normalize(image.astype(jnp.float32)),
-                "text_embeds": layers.l2_normalize(text.astype(jnp.float32))}
+        return normalised(image, text)
 
-    def loss(model, feats, mesh):
-        scale = model.logit_scale[...]
-        if not learn_temperature:
-            scale = jax.lax.stop_gradient(scale)
-        logit_scale = jnp.exp(scale)
-        value = losses.contrastive_loss(feats["image_embeds"], feats["text_embeds"], kind=kind,
-                                        logit_scale=logit_scale, logit_bias=logit_bias(model) if kind == "sigmoid" else None,
-                                        label_smoothing=label_smoothing, mesh=mesh, impl=impl)
-        return value, {"temperature": 1.0 / logit_scale}
-
-    return Objective(features, loss)
+    return contrastive_objective(features, lambda model: jnp.exp(model.logit_scale[...]), kind=kind,
+                                 label_smoothing=label_smoothing, learn_temperature=learn_temperature, impl=impl)
 
 
 def objective(config) -> Objective:
@@ -356,15 +345,7 @@ def image_text_source(data) -> tuple[Any, tuple[str, ...]]:
     if not keys:
         raise ValueError(f"data.source {data.source!r}: set data.caption_keys to the caption field of each "
                          "language, e.g. ('en.txt', 'zh.txt') for a WebDataset")
-    return build_source(_with_caption_key(data, keys[0]), data.split), keys
-
-
-def _with_caption_key(data, key: str):
-    import ml_collections
-
-    copy = ml_collections.ConfigDict(data.to_dict())
-    copy.caption_key = key
-    return copy
+    return build_source(data, data.split, caption_key=keys[0]), keys
 
 
 def build_pipeline(config, processor, processor_dir: str, mesh):

@@ -170,15 +170,16 @@ def model_config(config, vocab_size: int):
         temperature_init_value=float(config.model.temperature_init_value))
 
 
-def build_source(data, split: str):
-    """The training/evaluation source of ``config.data`` (see :mod:`altjax.data.sources`)."""
+def build_source(data, split: str, caption_key: Optional[str] = None):
+    """The training/evaluation source of ``config.data`` (see :mod:`altjax.data.sources`);
+    ``caption_key`` replaces ``data.caption_key``."""
     from altjax.data import scenes, sources
 
     kind = data.source
     if kind == "scenes":
         return scenes.source(split, data_dir=data.data_dir or None, lang=data.lang,
                              config=scenes.scenes_config(**data.scenes))
-    keys = dict(image_key=data.image_key, caption_key=data.caption_key)
+    keys = dict(image_key=data.image_key, caption_key=caption_key or data.caption_key)
     if kind == "tfds":
         return sources.TfdsSource(data.name, split, data_dir=data.data_dir or None, **keys)
     if kind == "webdataset":

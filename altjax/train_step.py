@@ -62,8 +62,8 @@ def align_objective(*, kind: str = "softmax", label_smoothing: float = 0.1, lear
     """ALIGN's loss: the symmetric softmax cross-entropy of the normalised embeddings with logits
     divided by the learned ``temperature`` and label smoothing (ALIGN: 0.1). ``kind="sigmoid"``
     swaps in SigLIP's loss at the same scale, with the bias :func:`logit_bias` (learned when the
-    trainer attached one, :func:`attach_logit_bias`); label smoothing does not apply to it. ``learn_temperature=False`` holds ``temperature`` at its value (no
-    gradient reaches it). ``impl`` picks the sharded loss ("gather" or "ring", see
+    trainer attached one, :func:`attach_logit_bias`); label smoothing does not apply to it.
+    ``learn_temperature=False`` holds ``temperature`` at its value (no gradient reaches it). ``impl`` picks the sharded loss ("gather" or "ring", see
     :mod:`altjax.losses`). ``remat_policy``, the name of a ``jax.checkpoint_policies`` policy
     ("nothing_saveable": recompute everything), rematerialises each tower separately in the
     backward pass; None stores the activations."""
@@ -74,18 +74,36 @@ def align_objective(*, kind: str = "softmax", label_smoothing: float = 0.1, lear
     def features(model, batch):
         image = image_features(model, batch["pixel_values"])
         text = text_features(model, batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
-        return {"image_embeds": layers.l2_normalize(image.astype(jnp.float32)),
-                "text_embeds": layers.l2_normalize(text.astype(jnp.float32))}
+        return normalised(image, text)
+
+    return contrastive_objective(features, lambda model: 1.0 / model.temperature[...], kind=kind,
+                                 label_smoothing=label_smoothing, learn_temperature=learn_temperature, impl=impl)
+
+
+def normalised(image, text) -> dict[str, jax.Array]:
+    """The features a contrastive objective works on: both towers' embeddings, L2-normalised in fp32."""
+    return {"image_embeds": layers.l2_normalize(image.astype(jnp.float32)),
+            "text_embeds": layers.l2_normalize(text.astype(jnp.float32))}
+
+
+def contrastive_objective(features, logit_scale, *, kind: str, label_smoothing: float, learn_temperature: bool,
+                          impl: str) -> Objective:
+    """The contrastive loss of ``features(model, batch)`` (:func:`normalised` embeddings) with logits
+    scaled by ``logit_scale(model)`` (ALIGN: ``1 / temperature``, CLIP: ``exp(logit_scale)``):
+    :func:`altjax.losses.contrastive_loss`, sharded over the mesh. ``kind="sigmoid"`` adds the
+    bias :func:`logit_bias`; label smoothing applies to the softmax loss only.
+    ``learn_temperature=False`` holds the scale (no gradient reaches its parameter). Metrics:
+    ``temperature`` (1 / scale) and, for the sigmoid loss, ``logit_bias``."""
 
     def loss(model, feats, mesh):
-        temperature = model.temperature[...]
+        scale = logit_scale(model)
         if not learn_temperature:
-            temperature = jax.lax.stop_gradient(temperature)
+            scale = jax.lax.stop_gradient(scale)
         bias = logit_bias(model) if kind == "sigmoid" else None
         value = losses.contrastive_loss(
-            feats["image_embeds"], feats["text_embeds"], kind=kind, logit_scale=1.0 / temperature,
-            logit_bias=bias, label_smoothing=label_smoothing if kind == "softmax" else 0.0, mesh=mesh, impl=impl)
-        return value, {"temperature": temperature, **({"logit_bias": bias} if kind == "sigmoid" else {})}
+            feats["image_embeds"], feats["text_embeds"], kind=kind, logit_scale=scale, logit_bias=bias,
+            label_smoothing=label_smoothing if kind == "softmax" else 0.0, mesh=mesh, impl=impl)
+        return value, {"temperature": 1.0 / scale, **({"logit_bias": bias} if kind == "sigmoid" else {})}
 
     return Objective(features, loss)
 
