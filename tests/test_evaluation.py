@@ -50,13 +50,15 @@ def argsort_reference(image_embeds, text_embeds, ids):
 
 
 def counting_reference(image_embeds, text_embeds, ids):
-    """Ranks under the documented tie rule: candidates strictly above the best correct one."""
+    """Ranks under the documented tie rule (pessimistic): the wrong candidates scoring at least as
+    high as the best correct one."""
     scores = np.asarray(text_embeds, np.float64) @ np.asarray(image_embeds, np.float64).T
-    t2i = [sum(s > scores[t, ids[t]] for s in scores[t]) for t in range(scores.shape[0])]
+    t2i = [sum(s >= scores[t, ids[t]] for i, s in enumerate(scores[t]) if i != ids[t])
+           for t in range(scores.shape[0])]
     i2t = []
     for i in range(scores.shape[1]):
         best = max(scores[t, i] for t in range(scores.shape[0]) if ids[t] == i)
-        i2t.append(sum(s > best for s in scores[:, i]))
+        i2t.append(sum(s >= best for t, s in enumerate(scores[:, i]) if ids[t] != i))
     return np.array(t2i), np.array(i2t)
 
 
@@ -171,20 +173,20 @@ def score_row(size, positives, positive_scores, higher, tied=0):
 
 def test_retrieval_hand_case_text_to_image_boundaries():
     # 12 images, 9 captions; caption t belongs to image t and has ranks[t] images above it; the last
-    # caption ties with 3 images and no image is above it: rank 0 under the tie rule.
+    # caption ties with 3 images and no image is above it: rank 3 under the (pessimistic) tie rule.
     ranks = [0, 0, 1, 4, 5, 9, 10, 11]
     texts = np.stack(
         [score_row(12, [t], [0.5], r) for t, r in enumerate(ranks)] + [score_row(12, [8], [0.5], 0, tied=3)]
     )
     ids = np.arange(9)
     t2i, _ = retrieval_ranks(np.eye(12, dtype=np.float32), texts, ids)
-    assert_ranks_equal(t2i, ranks + [0], "text->image boundary ranks")
+    assert_ranks_equal(t2i, ranks + [3], "text->image boundary ranks")
     # retrieval_metrics needs every image captioned: images 9-11 get one caption each, rank 0.
     texts = np.concatenate([texts, np.eye(12, dtype=np.float32)[9:]])
     ids = np.arange(12)
     metrics = retrieval_metrics(np.eye(12, dtype=np.float32), texts, ids)
-    # ranks 0,0,1,4,5,9,10,11,0,0,0,0: R@1 6/12, R@5 8/12 (adds 1 and 4), R@10 10/12 (adds 5 and 9).
-    for key, value in (("t2i_r1", 50.0), ("t2i_r5", 800 / 12), ("t2i_r10", 1000 / 12)):
+    # ranks 0,0,1,4,5,9,10,11,3,0,0,0: R@1 5/12, R@5 8/12 (adds 1, 4 and 3), R@10 10/12 (adds 5, 9).
+    for key, value in (("t2i_r1", 500 / 12), ("t2i_r5", 800 / 12), ("t2i_r10", 1000 / 12)):
         assert abs(metrics[key] - value) <= 1e-9, f"{key} = {metrics[key]}, expected {value}"
 
 
@@ -196,14 +198,14 @@ def test_retrieval_hand_case_image_to_text_any_caption():
         [
             score_row(15, [0, 1, 2], [0.25, 0.5, 0.125], 2),  # best caption 0.5, 2 above: rank 2
             score_row(15, [3, 4, 5, 6, 7], [0.5, 0.25, 0.25, 0.25, 0.25], 5),  # rank 5
-            score_row(15, [8, 9], [0.5, 0.25], 0, tied=2),  # best caption tied with 2 others: rank 0
+            score_row(15, [8, 9], [0.5, 0.25], 0, tied=2),  # best caption tied with 2 others: rank 2
             score_row(15, [10, 11, 12, 13, 14], [0.5] * 5, 10),  # every caption below 10 texts
         ]
     )
     _, i2t = retrieval_ranks(images, np.eye(15, dtype=np.float32), ids)
-    assert_ranks_equal(i2t, [2, 5, 0, 10], "image->text ranks")
+    assert_ranks_equal(i2t, [2, 5, 2, 10], "image->text ranks")
     metrics = retrieval_metrics(images, np.eye(15, dtype=np.float32), ids)
-    for key, value in (("i2t_r1", 25.0), ("i2t_r5", 50.0), ("i2t_r10", 75.0)):
+    for key, value in (("i2t_r1", 0.0), ("i2t_r5", 50.0), ("i2t_r10", 75.0)):
         assert abs(metrics[key] - value) <= 1e-9, f"{key} = {metrics[key]}, expected {value}"
 
 
@@ -243,7 +245,7 @@ def test_retrieval_sharded_equals_single_device(mesh_name):
     sharded = retrieval_ranks(images, texts, ids, mesh=mesh, axis=axis, block_size=3)
     for name, a, b in zip(("t2i", "i2t"), sharded, single):
         assert_ranks_equal(a, b, f"{mesh_name}: sharded {name} ranks vs single device")
-    # With ties the sharded computation must still follow the strict-count rule exactly.
+    # With ties the sharded computation must still follow the pessimistic tie rule exactly.
     for name, a, b in zip(
         ("t2i", "i2t"),
         retrieval_ranks(tie_images, tie_texts, ids, mesh=mesh, axis=axis, block_size=3),
@@ -298,6 +300,47 @@ def test_retrieval_bfloat16_embeddings_are_upcast():
     assert retrieval_metrics(images, texts, ids) == expected, "bf16 inputs differ from their fp32 upcast"
 
 
+def test_ties_count_against_the_model():
+    # One query, four candidates; the correct one (0) ties exactly with candidate 2: rank 1, so a
+    # miss at K=1 and a hit at K=2. With the tie broken upwards it is rank 0 (a hit) as before.
+    candidates = np.eye(4, dtype=np.float32)
+    tied = np.array([[0.5, 0.25, 0.5, 0.125]], np.float32)
+    rank = int(ranks_against(tied, [0], candidates, np.arange(4))[0])
+    assert rank == 1, f"a tie with one other candidate gave rank {rank}, expected 1 (miss at K=1, hit at K=2)"
+    assert not rank < 1 and rank < 2
+    clear = np.array([[0.5, 0.25, 0.375, 0.125]], np.float32)
+    assert int(ranks_against(clear, [0], candidates, np.arange(4))[0]) == 0, "an untied best candidate is not rank 0"
+    # Other correct candidates never count against the query (image->text with several captions).
+    rank = int(ranks_against(tied, [0], candidates, np.array([0, 1, 0, 2]))[0])
+    assert rank == 0, f"a tie with another correct caption gave rank {rank}, expected 0"
+    # NaN scores (broken embeddings) count against the model too.
+    nan = np.array([[np.nan, 0.25, 0.5, 0.125]], np.float32)
+    rank = int(ranks_against(nan, [0], candidates, np.arange(4))[0])
+    assert rank == 3, f"a NaN correct score gave rank {rank}, expected 3 (last)"
+
+
+def test_collapsed_model_scores_zero():
+    # A model that embeds everything alike: every score equal. The old "ties in the query's
+    # favour" rule gave it 100% everywhere; it must score 0 at every K below the candidate count.
+    rng = np.random.default_rng(5)
+    same = np.tile(unit_embeds(rng, 1, 16), (12, 1))
+    ids = np.arange(12)
+    metrics = retrieval_metrics(same, same, ids)
+    assert all(metrics[k] == 0.0 for k in KEYS + ("mr",)), f"collapsed retrieval metrics {metrics}"
+    # Only the texts collapsed (images distinct): image->text is 0 at every K.
+    metrics = retrieval_metrics(unit_embeds(rng, 12, 16), same, ids)
+    assert all(metrics[f"i2t_r{k}"] == 0.0 for k in (1, 5, 10)), f"collapsed texts, image->text {metrics}"
+    # Zero-shot: every class prompt embedded alike -> 0 top-1 and 0 top-5 with 10 classes.
+    images, labels = unit_embeds(rng, 30, 16), rng.integers(0, 10, 30)
+    metrics = zeroshot_metrics(images, np.tile(same[:1], (10, 1)), labels)
+    assert metrics == {"top1": 0.0, "top5": 0.0, "mean_per_class_recall": 0.0}, f"collapsed zero-shot {metrics}"
+    # A normal model on the same data is unchanged by the rule (no ties): the argsort reference.
+    classifier = unit_embeds(rng, 10, 16)
+    predicted = np.argmax(images @ classifier.T, axis=1)
+    top1 = zeroshot_metrics(images, classifier, labels)["top1"]
+    assert abs(top1 - 100 * np.mean(predicted == labels)) <= 1e-9, f"normal top1 {top1}"
+
+
 def test_retrieval_input_errors():
     images, texts = np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32)
     with pytest.raises(ValueError, match=r"text_image_ids\[2\] = 3 is not a valid index into 3 images"):
@@ -315,8 +358,7 @@ def test_retrieval_input_errors():
 
 def class_scores(num_classes, label, rank, tied=False):
     """An image whose score row (classifier = identity) puts ``rank`` classes above its label;
-    ``tied`` adds one class with exactly the label's score, placed after the label so that argmax
-    (first maximum, as sklearn's reference below sees it) also picks the label."""
+    ``tied`` adds one class with exactly the label's score (ranked above the label: a miss at top-1)."""
     row = np.full(num_classes, 0.25, np.float32)
     row[label] = 0.5
     others = [c for c in range(num_classes) if c != label]
@@ -333,22 +375,25 @@ def test_zeroshot_metrics_constructed_case():
         + [(1, 0, False), (1, 1, False)]
         + [(2, 0, False), (2, 0, False), (2, 4, False), (2, 5, False)]
         + [(3, 6, False)]
-        + [(5, 0, True), (5, 2, False)]
+        + [(5, 0, True), (5, 2, False)]  # the tie makes the first a rank-1 miss
         + [(6, 0, False)] * 2
     )
     labels = np.array([s[0] for s in images_spec])
     images = np.stack([class_scores(7, *s) for s in images_spec])
     classifier = np.eye(7, dtype=np.float32)
     expected = {
-        "top1": 100 * 9 / 14,  # rank 0: 3 + 1 + 2 + 0 + 1 + 2
+        "top1": 100 * 8 / 14,  # rank 0: 3 + 1 + 2 + 0 + 0 + 2
         "top5": 100 * 12 / 14,  # all but ranks 5 and 6
-        "mean_per_class_recall": 100 * (1 + 1 / 2 + 2 / 4 + 0 + 1 / 2 + 1) / 6,  # 6 classes present
+        "mean_per_class_recall": 100 * (1 + 1 / 2 + 2 / 4 + 0 + 0 + 1) / 6,  # 6 classes present
     }
     metrics = zeroshot_metrics(images, classifier, labels)
     assert set(metrics) == set(expected), f"keys {sorted(metrics)}"
     for key, value in expected.items():
         assert abs(metrics[key] - value) <= 1e-9, f"{key} = {metrics[key]}, expected {value}"
-    sklearn_value = 100 * balanced_accuracy_score(labels, np.argmax(images @ classifier.T, axis=1))
+    # sklearn's reference sees argmax predictions with ties broken against the label (as the rule says).
+    scores = images @ classifier.T
+    scores[np.arange(len(labels)), labels] -= 1e-3
+    sklearn_value = 100 * balanced_accuracy_score(labels, np.argmax(scores, axis=1))
     assert abs(metrics["mean_per_class_recall"] - sklearn_value) <= 1e-9, (
         f"mean_per_class_recall {metrics['mean_per_class_recall']} != sklearn balanced accuracy {sklearn_value}"
     )

@@ -1,17 +1,22 @@
 """Image-text retrieval recall and zero-shot classification accuracy, computed from ranks.
 
-Every metric here reduces to one quantity per query: its *rank*, the number of candidates whose
-score is strictly higher than the best-scoring correct candidate. A query is a hit at K when
-``rank < K``. For text->image retrieval the query is a caption and the single correct candidate is
-its image; for image->text retrieval the query is an image and the correct candidates are all its
-captions (a hit when ANY of them is in the top K, the CLIP/ALIGN convention, not the "actual recall"
-fraction); for zero-shot classification the query is an image and the correct candidate its class.
+Every metric here reduces to one quantity per query: its *rank*, the number of wrong candidates
+whose score is not strictly below that of the best-scoring correct candidate. A query is a hit at
+K when ``rank < K``. For text->image retrieval the query is a caption and the single correct
+candidate is its image; for image->text retrieval the query is an image and the correct candidates
+are all its captions (a hit when ANY of them is in the top K, the CLIP/ALIGN convention, not the
+"actual recall" fraction); for zero-shot classification the query is an image and the correct
+candidate its class.
 
-Ties. clip_benchmark and open_clip take ``torch.topk`` of the score rows, which leaves the order of
-equal scores unspecified. Here a candidate that ties with the correct one is never counted as ahead
-of it (competition ranking, "1224"). Both agree whenever no candidate ties with the correct one,
-which is always the case for real embeddings except duplicated captions or images (COCO and
-Flickr30k hold a few); on those the topk result depends on the backend, ours does not. The rule
+Ties count against the model (pessimistic ranking). A wrong candidate whose score equals the
+correct one's is ranked ahead of it: a correct candidate tied with one wrong candidate is a miss
+at K=1 and a hit at K=2. A model that gives every candidate the same score (a collapsed model
+that embeds every text alike) therefore ranks each query's answer last, and scores 0 at top-1
+rather than 100. NaN scores count as ahead too, so broken embeddings never score. Other correct
+candidates (an image's other captions) never count against it. clip_benchmark and open_clip take
+``torch.topk`` of the score rows, which leaves the order of equal scores unspecified; both agree
+with this rule whenever no wrong candidate ties with the correct one, which is always the case for
+real embeddings except duplicated captions or images (COCO and Flickr30k hold a few). The rule
 also makes the result independent of the candidate order and of how the work is split into blocks
 or devices, so a sharded evaluation equals the single-device one exactly.
 
@@ -44,11 +49,16 @@ DEFAULT_BLOCK_SIZE = 256
 def _block_ranks(queries, query_keys, candidates, candidate_keys, candidate_valid):
     """Ranks of one block of queries against all candidates (the whole computation is this)."""
     scores = jnp.dot(queries, candidates.T, precision=jax.lax.Precision.HIGHEST)
-    if candidate_valid is not None:
-        scores = jnp.where(candidate_valid[None, :], scores, -jnp.inf)
     positive = candidate_keys[None, :] == query_keys[:, None]
+    negative = ~positive
+    if candidate_valid is not None:  # padding candidates are neither correct nor ahead
+        positive = positive & candidate_valid[None, :]
+        negative = negative & candidate_valid[None, :]
     best_positive = jnp.max(jnp.where(positive, scores, -jnp.inf), axis=1)
-    return jnp.sum(scores > best_positive[:, None], axis=1, dtype=jnp.int32)
+    # Pessimistic ranking: every wrong candidate not strictly below the best correct one is ahead
+    # of it (ties, and NaN on either side, count against the model).
+    ahead = negative & ~(scores < best_positive[:, None])
+    return jnp.sum(ahead, axis=1, dtype=jnp.int32)
 
 
 def _local_ranks(queries, query_keys, candidates, candidate_keys, candidate_valid, *, block_size):
@@ -156,7 +166,8 @@ def ranks_against(
     axis: AxisSpec = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> jax.Array:
-    """For each query, the number of candidates scoring strictly above its best correct candidate.
+    """For each query, the number of wrong candidates scoring at least as high as its best correct
+    candidate (ties count against the query; see the module docstring).
 
     Args:
       queries: (Q, D) embeddings. candidates: (M, D) embeddings. The score is the dot product.
@@ -216,8 +227,9 @@ def retrieval_ranks(
       text_image_ids: (N_txt,) index of each caption's image (several captions per image allowed).
       mesh, axis, block_size: see ``ranks_against``.
 
-    Returns ``(t2i, i2t)``: (N_txt,) and (N_img,) int32, the number of images ranked strictly above
-    each caption's image, and the number of captions ranked strictly above each image's best caption.
+    Returns ``(t2i, i2t)``: (N_txt,) and (N_img,) int32, the number of other images scoring at
+    least as high as each caption's image, and the number of other images' captions scoring at
+    least as high as each image's best caption (ties count against the model).
     """
     text_image_ids = jnp.asarray(text_image_ids)
     kw = dict(mesh=mesh, axis=axis, block_size=block_size)
@@ -244,7 +256,8 @@ def retrieval_metrics(
 
     ``t2i_rK``: share of captions whose image is among their top K images. ``i2t_rK``: share of
     images with at least one of their captions among their top K captions. ``mr``: the mean of the
-    six. Ties count in the query's favour (see the module docstring). Every image must have at
+    six. Ties count against the model: an image tied with the correct one is ranked above it, so a
+    collapsed model (every caption embedded alike) scores 0 at R@1 (see the module docstring). Every image must have at
     least one caption, otherwise its image->text recall is undefined and a ValueError is raised.
 
     Args: as ``retrieval_ranks``; ``mesh`` splits the work over devices with identical results.
@@ -295,7 +308,8 @@ def zeroshot_metrics(
     argument. ``top5`` uses the top ``min(5, C)`` classes (100% when C <= 5; clip_benchmark reports
     NaN there). ``mean_per_class_recall`` is the top-1 accuracy averaged over the classes that occur
     in ``labels`` (sklearn's ``balanced_accuracy_score``, as clip_benchmark reports it). Ties
-    count in the image's favour, as for retrieval.
+    count against the model, as for retrieval: a class scoring exactly as high as the true one is
+    ranked above it, so a model that embeds every prompt alike scores 0 top-1 (not 100).
     """
     image_embeds, classifier = jnp.asarray(image_embeds), jnp.asarray(classifier)
     _check_matrix(image_embeds, "image_embeds")
