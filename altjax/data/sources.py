@@ -82,17 +82,39 @@ def _note_damage(damaged: list[str], message: str | None) -> None:
 class WebDatasetSource:
     """Samples of WebDataset tar shards (``{key}.jpg`` + ``{key}.txt`` / ``{key}.json``, as
     img2dataset writes). Fields are named by extension: ``txt`` is str, ``json`` a parsed object
-    (img2dataset's caption is also at ``json/caption``), images are bytes."""
+    (img2dataset's caption is also at ``json/caption``), images are bytes.
+
+    A truncated or corrupt shard (cut at any byte) is logged as a warning naming the shard, the
+    samples kept and the samples lost (see :func:`altjax.data.webdataset.index_shard`), and listed
+    in ``damaged`` (the messages) and ``shard_damage`` (:class:`~altjax.data.webdataset.ShardDamage`);
+    ``lost_samples`` counts the samples lost (exact where img2dataset's ``_stats.json`` gives a
+    shard's size, otherwise those known to be cut)."""
 
     def __init__(self, files, *, image_key: str = "jpg", caption_key: str = "txt"):
         self.image_key, self.caption_key = image_key, caption_key
         self.files = _Files(expand_files(files))
         self.damaged: list[str] = []
+        self.shard_damage: list[webdataset.ShardDamage] = []
         self._samples: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
         for i, path in enumerate(self.files.paths):
-            samples, damage = webdataset.index_shard(path)
+            reference = self._samples[-1][2] if self._samples else None
+            samples, damage = webdataset.index_shard(path, fields=reference)
             self._samples.extend((i, key, fields) for key, fields in samples)
-            _note_damage(self.damaged, damage)
+            if damage is not None:
+                self.shard_damage.append(damage)
+                self.damaged.append(str(damage))
+                log.warning("damaged input: %s", damage)
+        if len(self.shard_damage) > 1:
+            unknown = sum(d.lost is None for d in self.shard_damage)
+            log.warning("%d of %d WebDataset shards are truncated or corrupt: %d samples kept, %d lost%s",
+                        len(self.shard_damage), len(self.files.paths), len(self._samples), self.lost_samples,
+                        f" and the unknown rest of {unknown} shards" if unknown else "")
+
+    @property
+    def lost_samples(self) -> int:
+        """Samples lost to damaged shards: exact for shards whose ``_stats.json`` gives their
+        size, for the others the samples known to be cut (the rest of such a shard is unknown)."""
+        return sum(d.lost_count for d in self.shard_damage)
 
     def __len__(self) -> int:
         return len(self._samples)
