@@ -404,3 +404,103 @@ def test_parallel_captions_and_scenes_labels(scenes_builder, tokenizer):
     assert batch["label"].tolist() == labels, f"labels {batch['label'].tolist()} != {labels}"
     images = np.stack([preprocess.decode_image(source[i]["image"]) for i in range(8)])
     assert np.array_equal(batch["pixel_values"], preprocess_images(images, config)), "pixel_values differ"
+
+
+# ----- empty captions -----
+
+EMPTY = {2: "", 5: "  \n\t", 11: "\u3000"}  # an empty, a whitespace and an ideographic-space caption
+
+
+def _empty_caption_source(kind, tmp_path, samples):
+    """``samples`` with the captions of EMPTY, written as ``kind``: (source, id key)."""
+    rows = [dict(x, caption=EMPTY.get(x["id"], x["caption"])) for x in samples]
+    if kind.startswith("webdataset"):
+        caption_as = kind.split("_")[1]
+        files = _write_webdataset(tmp_path, rows, caption_as=caption_as)
+        return sources.WebDatasetSource(files, caption_key="txt" if caption_as == "txt" else "json/caption"), "cls"
+    if kind == "tfrecord":
+        path = str(tmp_path / "a.tfrecord")
+        tfrecord.write_tfrecord(path, _examples(rows))
+        return sources.TFRecordSource(path), "id"
+    path = str(tmp_path / "a.array_record")
+    sources.write_array_record(path, _examples(rows))
+    return sources.ArrayRecordSource(path), "id"
+
+
+@pytest.mark.parametrize("kind", ["webdataset_txt", "webdataset_json", "tfrecord", "array_record"])
+def test_empty_captions_are_skipped_counted_and_logged(kind, tmp_path, samples, tokenizer, caplog):
+    source, id_key = _empty_caption_source(kind, tmp_path, samples)
+    with caplog.at_level(logging.WARNING, logger="altjax.data"):
+        with _pipeline(source, tokenizer, extra_keys=(id_key,), num_epochs=1, batch_size=3,
+                       drop_remainder=False) as p:
+            batches = list(p)
+            skipped, state = p.skipped, p.get_state()
+    ids = sorted(np.concatenate([b[id_key] for b in batches]).tolist())
+    assert ids == [i for i in range(N) if i not in EMPTY], f"{kind}: ids read {ids}"
+    assert skipped == len(EMPTY) and state["skipped"] == len(EMPTY), f"{kind}: skipped {skipped}, expected {len(EMPTY)}"
+    logged = [r.getMessage() for r in caplog.records if "with an empty caption" in r.getMessage()]
+    assert len(logged) == len(EMPTY), f"{kind}: {logged}"
+    assert all("EmptyCaptionError" in m for m in logged) and "3 skipped so far" in logged[-1], logged
+
+
+class EmptyCaptions(tfds.core.GeneratorBasedBuilder):
+    """A tfds dataset of caption lists, some empty: example 1's are all blank, example 3 has one
+    blank and one real caption."""
+
+    VERSION = "1.0.0"
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(encoding_format="jpeg"), "id": np.int64,
+            "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        texts = {1: ["", " "], 3: ["", "the only real caption"]}
+        for i in range(6):
+            image = np.full((20, 24, 3), 40 * i, np.uint8)
+            yield i, {"image": _jpeg(image), "id": i, "captions": {"text": texts.get(i, [f"caption {i}", f"text {i}"])}}
+
+
+def test_empty_captions_in_caption_lists_tfds_and_multilingual(tmp_path, tokenizer, caplog):
+    EmptyCaptions(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    source = sources.TfdsSource("empty_captions", "train", data_dir=str(tmp_path), caption_key="captions/text")
+    with caplog.at_level(logging.WARNING, logger="altjax.data"):
+        with pipeline.InputPipeline(source, batch_size=5, image=preprocess.ImageTransform(preprocess.clip_image_config(16)),
+                                    texts=preprocess.TextField(tokenizer, max_length=12), extra_keys=("id",),
+                                    num_epochs=10, process_index=0, process_count=1) as p:
+            batches = list(p)
+            skipped = p.skipped
+    # Example 1 (every caption blank) is skipped each epoch; example 3 always gets its real caption.
+    assert skipped == 10, f"skipped {skipped}, expected 10 (example 1 in each of 10 epochs)"
+    rows = [(int(i), tokenizer.decode(t, skip_special_tokens=True)) for b in batches for i, t in zip(b["id"], b["input_ids"])]
+    assert {i for i, _ in rows} == {0, 2, 3, 4, 5}, sorted({i for i, _ in rows})
+    assert {t for i, t in rows if i == 3} == {"the only real caption"}, {t for i, t in rows if i == 3}
+    assert any("with an empty caption" in r.getMessage() and "all 2 captions are empty" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    # A blank language of MultilingualCaptions is never drawn; a record with none is skipped.
+    rng = np.random.default_rng(0)
+    assert {preprocess.choose_caption(["", "一只猫"], rng) for _ in range(20)} == {"一只猫"}
+    with pytest.raises(preprocess.EmptyCaptionError, match="all 2 captions are empty"):
+        preprocess.choose_caption([b" ", "\u3000"], rng)
+    with pytest.raises(preprocess.EmptyCaptionError, match="whitespace-only caption"):
+        preprocess.choose_caption(b" \n", rng)
+
+
+def test_empty_sentence_pairs_are_skipped_counted_and_logged(tmp_path, tokenizer, caplog):
+    from altjax.data import parallel
+
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("a cat\t一只猫\na dog\t\n \t一只狗\na bird\t一只鸟\nthe sun\t 　\n", encoding="utf-8")
+    pairs = parallel.expand_pairs(parallel.read_pairs(str(tsv)))
+    field = preprocess.TextField(tokenizer, max_length=8)
+    with caplog.at_level(logging.WARNING, logger="altjax.data"):
+        p = parallel.ParallelTextPipeline(pairs, batch_size=2, teacher=field, student=field)
+    # 5 translation pairs, 3 with a blank side: their (en, other) pairs and the blank (en, en) one go.
+    assert p.skipped_pairs == 4 and len(p.pairs) == 6, f"skipped {p.skipped_pairs}, kept {p.pairs}"
+    assert all(a.strip() and b.strip() for a, b, _ in p.pairs), p.pairs
+    assert any("skipped 4 of 10 sentence pairs with an empty or whitespace-only text" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]

@@ -15,6 +15,7 @@ state keys (``epoch``, ``position``, ``skipped``) as :class:`altjax.data.InputPi
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Iterator, Sequence
 
@@ -25,6 +26,8 @@ from altjax.data.sources import get_field
 
 # Batch key telling, per row, whether the student reads the teacher's sentence itself (1) or its translation (0).
 SAME_LANGUAGE = "same_language"
+
+log = logging.getLogger("altjax.data")
 
 
 def expand_pairs(translations: Sequence[tuple[str, str]], *, same_language: bool = True) -> list[tuple[str, str, int]]:
@@ -78,10 +81,21 @@ class ParallelTextPipeline(Iterator[dict[str, np.ndarray]]):
     Each epoch visits the pairs in a new permutation of ``[seed, epoch]``; this process reads
     every ``process_count``-th of them from ``process_index``, ``batch_size`` at a time (the short
     end of an epoch is dropped). ``get_state`` / ``set_state`` give exact resume.
+
+    Pairs with an empty or whitespace-only text are skipped, counted in ``skipped_pairs`` and
+    logged as a warning on the ``altjax.data`` logger (as the image-text pipeline skips records
+    with an empty caption).
     """
 
     def __init__(self, pairs: Sequence[tuple[str, str, int]], *, batch_size: int, teacher: TextField,
                  student: TextField, seed: int = 0, process_index: int = 0, process_count: int = 1):
+        usable = [p for p in pairs if str(p[0]).strip() and str(p[1]).strip()]
+        self.skipped_pairs = len(pairs) - len(usable)
+        if self.skipped_pairs:
+            first = next(p for p in pairs if not (str(p[0]).strip() and str(p[1]).strip()))
+            log.warning("skipped %d of %d sentence pairs with an empty or whitespace-only text (the first: %r)",
+                        self.skipped_pairs, len(pairs), tuple(first[:2]))
+        pairs = usable
         if len(pairs) // process_count < batch_size:
             raise ValueError(f"{len(pairs)} pairs cannot give one batch of {batch_size} to each of {process_count} processes")
         self.pairs = list(pairs)

@@ -13,9 +13,10 @@ the process layout and the skip count) as a small JSON-serialisable dict, for th
 checkpoint; :meth:`InputPipeline.set_state` on a fresh pipeline over the same data continues with
 exactly the batches the first one would have produced next.
 
-Damage. A record that cannot be read or decoded is skipped: counted in
-:attr:`InputPipeline.skipped` (and in the state) and logged as a warning on the ``altjax.data``
-logger. Skipping is deterministic (the same records fail every time), so resume stays exact. A
+Damage. A record that cannot be read or decoded, or whose caption is empty or whitespace only, is
+skipped: counted in :attr:`InputPipeline.skipped` (and in the state) and logged as a warning on
+the ``altjax.data`` logger. (Of a list of captions, the empty ones are never drawn; the record is
+skipped when all are empty.) Skipping is deterministic (the same records fail every time), so resume stays exact. A
 run of ``max_consecutive_failures`` failures in a row means a wrong key or a broken setup, not
 damaged data, and raises.
 """
@@ -30,7 +31,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from altjax.data.preprocess import ImageTransform, TextField, choose_caption, decode_image, tokenize
+from altjax.data.preprocess import (EmptyCaptionError, ImageTransform, TextField, choose_caption, decode_image,
+                                    tokenize)
 from altjax.data.sources import get_field
 
 log = logging.getLogger("altjax.data")
@@ -143,7 +145,8 @@ class InputPipeline(Iterator[dict[str, np.ndarray]]):
     def _warn(self, failure: _Failure, skipped: int) -> None:
         # Every failure of the first ten, then every hundredth: a damaged shard must not flood the log.
         if skipped <= 10 or skipped % 100 == 0:
-            log.warning("skipped unreadable record %s (%s: %s); %d skipped so far",
+            what = "with an empty caption" if isinstance(failure.error, EmptyCaptionError) else "unreadable"
+            log.warning("skipped %s record %s (%s: %s); %d skipped so far", what,
                         self.source.describe(failure.index), type(failure.error).__name__, failure.error, skipped)
 
     # ----- batches -----
@@ -174,6 +177,8 @@ class InputPipeline(Iterator[dict[str, np.ndarray]]):
                 epoch, position = epoch + 1, 0
             if len(examples) == self.batch_size or (examples and not self.drop_remainder):
                 yield self._collate(examples), {"epoch": epoch, "position": position, "skipped": skipped}
+        # The end: no batch, but the records skipped after the last one still count.
+        yield None, {"epoch": epoch, "position": position, "skipped": skipped}
 
     def _collate(self, examples) -> dict[str, np.ndarray]:
         batch = {"pixel_values": np.stack([e[0] for e in examples])}
@@ -241,6 +246,9 @@ class InputPipeline(Iterator[dict[str, np.ndarray]]):
             raise item
         batch, state = item
         self._state = state
+        if batch is None:  # the data ended; the state counts every record read
+            self._halt()
+            raise StopIteration
         return batch
 
     def __iter__(self) -> "InputPipeline":
@@ -250,7 +258,8 @@ class InputPipeline(Iterator[dict[str, np.ndarray]]):
 
     @property
     def skipped(self) -> int:
-        """Records skipped as unreadable so far (in the batches returned, since the run started)."""
+        """Records skipped so far, as unreadable or for an empty caption (in the batches returned,
+        since the run started)."""
         return self._state["skipped"]
 
     @property

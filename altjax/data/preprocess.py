@@ -143,18 +143,37 @@ class ImageTransform:
         return preprocess_image(image, dataclasses.replace(config, do_resize=False, do_center_crop=False))
 
 
+class EmptyCaptionError(ValueError):
+    """A record whose caption is empty or whitespace only (or that has no caption at all)."""
+
+
+def _blank(value: Any) -> bool:
+    return isinstance(value, (str, bytes)) and not value.strip()
+
+
 def choose_caption(value: Any, rng: np.random.Generator) -> str:
     """A caption from a field: str or UTF-8 bytes as they are; from a list or array of captions
-    (COCO has five per image), one drawn with ``rng``. ValueError when there is none."""
+    (COCO has five per image), one drawn with ``rng`` among those that are not empty.
+
+    Raises :class:`EmptyCaptionError` (a ValueError) when the caption is empty or whitespace only,
+    or every caption of the list is: such a record is skipped and counted by the pipeline, as an
+    unreadable image is. ValueError for anything else that is not a caption.
+    """
     if isinstance(value, np.ndarray):
         value = value.tolist()
     if isinstance(value, (list, tuple)):
         if not value:
-            raise ValueError("the record has no caption")
-        value = value[int(rng.integers(len(value)))]
+            raise EmptyCaptionError("the record has no caption")
+        usable = [v for v in value if not _blank(v)]
+        if not usable:
+            raise EmptyCaptionError(f"all {len(value)} captions are empty or whitespace only")
+        # Without empty captions ``usable`` is the list itself: the same draw as ever.
+        value = usable[int(rng.integers(len(usable)))]
     if isinstance(value, bytes):
-        return value.decode("utf-8")
+        value = value.decode("utf-8")
     if isinstance(value, str):
+        if not value.strip():
+            raise EmptyCaptionError("empty caption" if not value else f"whitespace-only caption {value!r}")
         return value
     if isinstance(value, dict) and "caption" in value:
         return choose_caption(value["caption"], rng)
