@@ -10,11 +10,19 @@ an orbax checkpoint under ``params/``, and the processor files (tokenizer, image
 copied from where the model came from. It can be restored straight into a mesh sharding.
 
 Both kinds are written atomically: into a temporary sibling directory, renamed into place when
-complete, so a failure never leaves a partial checkpoint behind.
+complete, so a failure never leaves a partial checkpoint behind. Overwriting replaces only what
+altjax itself wrote (``is_altjax_output``: judged by content; the safetensors altjax writes say so
+in their header metadata), never the model's source or a directory above it
+(``check_replaceable``). What is written gets the modes the umask gives (``altjax.fsutil``).
+
+An altjax directory is read with tensorstore, one array at a time as it is loaded, after checking
+that every array and chunk file is there: a damaged directory is reported on one line naming the
+file or the missing array.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -26,8 +34,9 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 
+from altjax import fsutil
 from altjax.progress import Progress
-from altjax.safetensors_io import SafetensorsError, SafetensorsReader, write_safetensors
+from altjax.safetensors_io import SafetensorsError, SafetensorsReader, read_metadata, write_safetensors
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -50,6 +59,13 @@ PROCESSOR_FILES = (
 )
 # transformers 5's default: one file up to 50 GB.
 DEFAULT_MAX_SHARD_SIZE = "50GB"
+# Written into the header metadata of every safetensors file altjax writes (transformers reads only
+# "format"), so that --overwrite can tell an HF directory altjax wrote from anyone else's.
+WRITER_METADATA = {"format": "pt", "writer": "altjax"}
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# What orbax writes at the top of a (non-OCDBT or OCDBT) checkpoint directory, besides one
+# directory per array.
+ORBAX_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "commit_success.txt", "manifest.ocdbt")
 
 
 class CheckpointError(ValueError):
@@ -221,33 +237,104 @@ def is_altjax_dir(path: str | os.PathLike) -> bool:
     return os.path.isdir(os.path.join(path, ALTJAX_PARAMS_DIR))
 
 
-# --- writing atomically -----------------------------------------------------------------------
+# --- writing atomically, replacing only what altjax wrote ------------------------------------
+
+
+def is_altjax_output(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory altjax wrote and nothing else was put into since, judged by
+    its content: an altjax directory (``config.json``, orbax ``params/``, processor files) or an
+    HF directory written by ``save_pretrained(format="hf")`` / ``altjax-convert to-hf``
+    (``config.json``, safetensors whose header metadata names altjax as the writer, their index,
+    processor files). An empty directory counts too: there is nothing in it to lose."""
+    path = os.fspath(path)
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    names = set(os.listdir(path))
+    if not names:
+        return True
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return False
+    others = names - {CONFIG_NAME, *PROCESSOR_FILES}
+    if ALTJAX_PARAMS_DIR in others:
+        params = os.path.join(path, ALTJAX_PARAMS_DIR)
+        return (others == {ALTJAX_PARAMS_DIR} and not os.path.islink(params) and os.path.isdir(params)
+                and any(os.path.isfile(os.path.join(params, f)) for f in ORBAX_FILES))
+    weights = {n for n in others if n == SAFE_WEIGHTS_NAME or SHARD_NAME.fullmatch(n)}
+    if not weights or others - weights - {SAFE_INDEX_NAME}:
+        return False
+    return all((read_metadata(os.path.join(path, n)) or {}).get("writer") == WRITER_METADATA["writer"]
+               for n in weights)
+
+
+def check_replaceable(out: str | os.PathLike, *, sources: tuple = (),
+                      owned: Callable[[str], bool] = is_altjax_output) -> str:
+    """Checks that ``out`` may be replaced by a new output (``--overwrite``); returns its absolute
+    path as the kernel resolves it (``fsutil.output_path``), the path to write.
+
+    Nothing at ``out``, or an empty directory: fine. Otherwise ``out`` must be a directory (not a
+    file, not a symbolic link) for which ``owned(path)`` holds (default: ``is_altjax_output``), and
+    must be neither one of ``sources`` nor any directory above one (compared after resolving
+    symbolic links, and by device and inode). Raises ``CheckpointError`` (one line: what, where,
+    what to do) otherwise.
+    """
+    path = fsutil.output_path(out)
+    if not os.path.lexists(path):
+        return path
+    if os.path.islink(path):
+        raise CheckpointError(f"{path}: is a symbolic link; not replacing it (remove the link or choose another output path)")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a file altjax did not write; not replacing it "
+                              "(remove it yourself or choose another output path)")
+    here = os.stat(path)
+    for source in sources:
+        if source is None:
+            continue
+        source = os.path.realpath(os.fspath(source))
+        walk = source
+        while True:
+            try:
+                st = os.stat(walk)
+                same = (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
+            except OSError:
+                same = False
+            if same or walk == path:
+                what = "is the source directory" if walk == source else f"contains the source {source}"
+                raise CheckpointError(f"{path}: {what}; not replacing it (write the output somewhere else)")
+            parent = os.path.dirname(walk)
+            if parent == walk:
+                break
+            walk = parent
+    names = sorted(os.listdir(path))
+    if names and not owned(path):
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise CheckpointError(f"{path}: exists and is not an output altjax wrote (it holds {shown}); not replacing it "
+                              "(remove it yourself or choose another output path)")
+    return path
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[str]:
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, sources: tuple = (),
+                     owned: Callable[[str], bool] = is_altjax_output) -> Iterator[str]:
     """Yields a temporary directory beside ``path``; renames it to ``path`` when the block succeeds.
 
     On any error the temporary directory is removed and ``path`` is untouched. An existing
-    ``path`` is an error unless ``overwrite``, in which case it is replaced only once the new
-    directory is complete.
+    ``path`` is an error unless ``overwrite``; even then it is replaced only if
+    ``check_replaceable(path, sources=sources, owned=owned)`` allows it (a directory altjax wrote,
+    not holding any of ``sources``), and only once the new directory is complete. The new
+    directory and everything in it get the permissions the umask gives (not mkdtemp's 0700).
     """
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
-        raise CheckpointError(f"{path}: output path exists (choose another path or pass overwrite)")
+    if os.path.lexists(fsutil.output_path(path)) and not overwrite:
+        raise CheckpointError(f"{fsutil.output_path(path)}: output path exists (choose another path or pass overwrite)")
+    path = check_replaceable(path, sources=sources, owned=owned)
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         raise CheckpointError(f"{parent}: the output's parent directory does not exist")
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
         yield tmp
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.rename(path, os.path.join(old, "x"))
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        fsutil.apply_umask(tmp)
+        check_replaceable(path, sources=sources, owned=owned)  # again: the block may have taken long
+        fsutil.replace_path(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -329,7 +416,7 @@ def write_hf_weights(folder: str, tensors: Mapping[str, np.ndarray], *, max_shar
 
     with Progress(sum(sizes.values()), "writing safetensors", unit="MB", scale=1e6, enabled=progress) as bar:
         for name, shard in zip(names, shards):
-            write_safetensors(os.path.join(folder, name), Counted(), shard, metadata={"format": "pt"})
+            write_safetensors(os.path.join(folder, name), Counted(), shard, metadata=WRITER_METADATA)
     if len(shards) > 1:
         _write_json(os.path.join(folder, SAFE_INDEX_NAME), {
             "metadata": {"total_size": sum(sizes.values()),
@@ -392,7 +479,7 @@ def load_model(
     shardings = _sharding_of(mesh, rules)
     if is_altjax_dir(path):
         params = _restore_orbax(os.path.join(path, ALTJAX_PARAMS_DIR), engine.model_shapes(model), shardings)
-        engine.load_params(model, _Consumed(params), sharding=shardings, progress=progress)
+        engine.load_params(model, params, sharding=shardings, progress=progress)
     else:
         tensors = open_weights(path)
         params = engine.torch_to_nnx(tensors, table(config), engine.model_shapes(model),
@@ -448,7 +535,135 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _restore_orbax(directory: str, shapes: Mapping[str, tuple[int, ...]], shardings) -> dict[str, Any]:
+def _check_against_model(directory: str, stored_shapes: Mapping[str, tuple[int, ...]],
+                         shapes: Mapping[str, tuple[int, ...]]) -> None:
+    from altjax.conversion.engine import ConversionError, problems_message
+
+    missing = sorted(set(shapes) - set(stored_shapes))
+    unexpected = sorted(set(stored_shapes) - set(shapes))
+    bad = [f"{k}: checkpoint has {stored_shapes[k]}, the model expects {tuple(shapes[k])}"
+           for k in shapes if k in stored_shapes and stored_shapes[k] != tuple(shapes[k])]
+    message = problems_message([("missing parameters", missing), ("unexpected parameters", unexpected),
+                                ("shape mismatches", bad)])
+    if message:
+        raise ConversionError(f"{directory} does not match the model: {message}")
+
+
+def _tensorstore_error(e: BaseException) -> str:
+    # tensorstore appends the whole JSON spec and source locations: the first clause says it all.
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return re.sub(r"\s*\[(tensorstore_spec|source locations)=.*$", "", message)
+
+
+def _orbax_layout(directory: str) -> Optional[list[str]]:
+    """The array names ``directory/_METADATA`` lists, when the checkpoint has the layout altjax
+    writes (one zarr v2 array directory per parameter, no OCDBT); ``None`` for other orbax
+    layouts (OCDBT, as altjax wrote before), which orbax itself restores."""
+    file = os.path.join(directory, "_METADATA")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file}: missing; the altjax directory is incomplete (export or convert it again)")
+    try:
+        with open(file, encoding="utf-8") as f:
+            metadata = json.load(f)
+        if metadata.get("use_ocdbt", True) or metadata.get("use_zarr3", False):
+            return None
+        names = []
+        for entry in metadata["tree_metadata"].values():
+            names.append(".".join(str(k["key"]) for k in entry["key_metadata"]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e}); the altjax directory is damaged") from None
+    except (AttributeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file}: not orbax checkpoint metadata (no {e}); the altjax directory is damaged") from None
+    return names
+
+
+class _OrbaxArrays(Mapping[str, Any]):
+    """The arrays of an orbax checkpoint as altjax writes it (zarr v2, one directory per array),
+    read with tensorstore one array at a time as they are looked up: as host arrays, or with
+    ``shardings`` straight into the mesh, each process reading only its devices' slices.
+
+    Read synchronously, without orbax: orbax closes its asyncio loop as soon as one read fails
+    while the others are still in flight, and each of them then prints an ``Event loop is
+    closed`` traceback at exit."""
+
+    def __init__(self, directory: str, names: list[str], shardings):
+        import tensorstore as ts
+
+        self.directory, self._shardings = directory, shardings
+        for name in names:
+            folder = os.path.join(directory, name)
+            if not os.path.isdir(folder):
+                raise CheckpointError(f"{directory}: the array {name!r} is missing (no {name}/ directory); "
+                                      "the altjax directory is incomplete (export or convert it again)")
+        opening = {name: ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(directory, name) + "/"},
+                                  "fill_missing_data_reads": False}, open=True, read=True) for name in names}
+        self._stores = {}
+        for name, future in opening.items():
+            try:
+                self._stores[name] = future.result()
+            except Exception as e:
+                raise CheckpointError(f"{os.path.join(directory, name)}: cannot open the array "
+                                      f"({_tensorstore_error(e)}); the altjax directory is damaged") from None
+        for name, store in self._stores.items():  # a chunk file gone is reported before anything is read
+            if 0 in store.shape:
+                continue
+            chunks = store.chunk_layout.read_chunk_template.shape
+            separator = store.spec().to_json().get("metadata", {}).get("dimension_separator") or "."
+            grid = [range(-(-n // c)) for n, c in zip(store.shape, chunks)]
+            for index in itertools.product(*grid):
+                chunk = separator.join(map(str, index)) if index else "0"
+                if not os.path.isfile(os.path.join(directory, name, chunk)):
+                    raise CheckpointError(f"{os.path.join(directory, name, chunk)}: missing (a chunk of the array "
+                                          f"{name!r}); the altjax directory is incomplete (export or convert it again)")
+
+    def _read(self, name: str, index=()) -> np.ndarray:
+        try:
+            return self._stores[name][index].read().result()
+        except Exception as e:
+            raise CheckpointError(f"{os.path.join(self.directory, name)}: cannot read the array "
+                                  f"({_tensorstore_error(e)}); the altjax directory is damaged") from None
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._stores:
+            raise KeyError(name)
+        if not self._shardings:
+            return self._read(name)
+        import jax
+
+        shape = self.shape(name)
+        sharding = self._shardings(name, shape)
+        by_device = sharding.addressable_devices_indices_map(shape)
+        slices: dict[tuple, np.ndarray] = {}
+        arrays = []
+        for device, index in by_device.items():
+            index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
+            key = tuple((s.start, s.stop, s.step) for s in index)
+            if key not in slices:  # replicas read once
+                slices[key] = self._read(name, index)
+            arrays.append(jax.device_put(slices[key], device))
+        return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._stores[name].shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stores)
+
+    def __len__(self) -> int:
+        return len(self._stores)
+
+
+def _restore_orbax(directory: str, shapes: Mapping[str, tuple[int, ...]], shardings) -> Mapping[str, Any]:
+    directory = os.path.abspath(directory)
+    names = _orbax_layout(directory)
+    if names is None:
+        return _Consumed(_restore_orbax_with_orbax(directory, shapes, shardings))
+    arrays = _OrbaxArrays(directory, names, shardings)
+    _check_against_model(directory, {k: arrays.shape(k) for k in arrays}, shapes)
+    return arrays
+
+
+def _restore_orbax_with_orbax(directory: str, shapes: Mapping[str, tuple[int, ...]], shardings) -> dict[str, Any]:
     import jax
     import orbax.checkpoint as ocp
 
@@ -458,18 +673,9 @@ def _restore_orbax(directory: str, shapes: Mapping[str, tuple[int, ...]], shardi
         metadata = checkpointer.metadata(directory)
         stored = _flatten(dict(getattr(metadata, "item_metadata", metadata)))
     except Exception as e:
-        raise CheckpointError(f"{directory}: not a readable orbax checkpoint ({e})") from None
+        raise CheckpointError(f"{directory}: not a readable orbax checkpoint ({str(e).splitlines()[0] if str(e) else e!r})") from None
     stored_shapes = {k: tuple(v.shape) for k, v in stored.items()}
-    missing = sorted(set(shapes) - set(stored_shapes))
-    unexpected = sorted(set(stored_shapes) - set(shapes))
-    bad = [f"{k}: checkpoint has {stored_shapes[k]}, the model expects {shapes[k]}"
-           for k in shapes if k in stored_shapes and stored_shapes[k] != tuple(shapes[k])]
-    from altjax.conversion.engine import ConversionError, problems_message
-
-    message = problems_message([("missing parameters", missing), ("unexpected parameters", unexpected),
-                                ("shape mismatches", bad)])
-    if message:
-        raise ConversionError(f"{directory} does not match the model: {message}")
+    _check_against_model(directory, stored_shapes, shapes)
     if shardings:
         # Straight into the mesh: each device reads only its own slice.
         target = {k: jax.ShapeDtypeStruct(stored_shapes[k], stored[k].dtype, sharding=shardings(k, stored_shapes[k]))
@@ -485,7 +691,7 @@ def _restore_orbax(directory: str, shapes: Mapping[str, tuple[int, ...]], shardi
     try:
         restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(directory, args=args)
     except Exception as e:
-        raise CheckpointError(f"{directory}: cannot restore the orbax checkpoint ({e})") from None
+        raise CheckpointError(f"{directory}: cannot restore the orbax checkpoint ({str(e).splitlines()[0] if str(e) else e!r})") from None
     return _flatten(restored)
 
 
@@ -513,7 +719,7 @@ def save_model(
         raise ValueError(f"format must be 'altjax' or 'hf', got {format!r}")
     source = source if source is not None else getattr(model, "name_or_path", None)
     variables = engine.model_variables(model)
-    with atomic_directory(path, overwrite=overwrite) as tmp:
+    with atomic_directory(path, overwrite=overwrite, sources=(source,)) as tmp:
         _write_json(os.path.join(tmp, CONFIG_NAME), model.config.to_hf())
         if format == "altjax":
             _save_orbax(os.path.join(tmp, ALTJAX_PARAMS_DIR), {k: v.get_value() for k, v in variables.items()})

@@ -98,6 +98,22 @@ class SafetensorsReader(Mapping[str, np.ndarray]):
         return len(self._entries)
 
 
+def read_metadata(file: str | os.PathLike) -> Optional[dict[str, str]]:
+    """The ``__metadata__`` of a safetensors file's header, read without the tensors; ``None``
+    when the file has none or is not a readable safetensors file (never raises for those)."""
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
+                return None
+            header = json.loads(f.read(length))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else None
+
+
 def _shape_dtype(tensors: Mapping[str, Any], name: str) -> tuple[tuple[int, ...], np.dtype]:
     if hasattr(tensors, "shape") and hasattr(tensors, "dtype"):
         return tuple(tensors.shape(name)), np.dtype(tensors.dtype(name))

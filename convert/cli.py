@@ -3,6 +3,10 @@ proving with one batch through both frameworks that nothing changed on the way.
 
 Exit status: 0 on success, 1 when ``--check`` finds a difference above the tolerance (nothing is
 written then), 2 on bad input (one line on stderr, no traceback, nothing written).
+
+``--overwrite`` replaces OUT only when it is an earlier output of altjax (an altjax directory, or an
+HF directory altjax wrote) or an empty directory, and never when OUT is SRC or a directory above
+it; anything else is refused with exit status 2 and left as it was.
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--texts", nargs="+", default=(), metavar="TEXT", help="captions for --check")
         p.add_argument("--tolerance", type=float, default=None,
                        help="largest relative difference --check accepts (default 1e-4)")
-        p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace OUT if it is an earlier output of altjax (never another directory, SRC or one above it)")
         p.add_argument("--quiet", action="store_true", help="no progress output")
         if name == "to-hf":
             p.add_argument("--max-shard-size", default="50GB",
@@ -63,12 +68,15 @@ def _log(quiet: bool, message: str) -> None:
 
 
 def convert(args: argparse.Namespace) -> int:
-    from altjax import checkpoint
+    from altjax import checkpoint, fsutil
     from altjax.conversion import check
 
-    src, out = os.path.abspath(args.src), os.path.abspath(args.out)
-    if os.path.exists(out) and not args.overwrite:
-        raise checkpoint.CheckpointError(f"{out}: output path exists (choose another path or pass --overwrite)")
+    src, out = os.path.abspath(args.src), fsutil.output_path(args.out)
+    if os.path.lexists(out):
+        if not args.overwrite:
+            raise checkpoint.CheckpointError(f"{out}: output path exists (choose another path or pass --overwrite)")
+        # --overwrite replaces only an output altjax wrote, never the source or a directory above it.
+        checkpoint.check_replaceable(out, sources=(src,))
     if not os.path.isdir(os.path.dirname(out)):
         raise checkpoint.CheckpointError(f"{os.path.dirname(out)}: the output's parent directory does not exist")
     if args.images or args.texts or args.tolerance is not None:
@@ -99,9 +107,9 @@ def convert(args: argparse.Namespace) -> int:
             if failed:
                 print(f"{PROG}: parity check failed for {', '.join(failed)}; nothing written to {out}", file=sys.stderr)
                 return 1
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(written, out)
+        if os.path.lexists(out):  # again, just before replacing it: conversion takes a while
+            checkpoint.check_replaceable(out, sources=(src,))
+        fsutil.replace_path(written, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {out}")
