@@ -74,19 +74,24 @@ def test_eval_zeroshot_and_retrieval(align_dir, align, folders, tmp_path, capsys
     assert eval_main(["--checkpoint", align_dir, "--task", "zeroshot", "--dataset", shapes, "--templates", "en",
                       "--batch-size", "8", "--output", str(output)]) == 0
     table = _lines(capsys.readouterr().out)
-    assert table[0].split() == ["evaluation", "top1", "top5", "mean_per_class_recall"], table
+    assert table[0].split() == ["evaluation", "top1", "top5", "mean_per_class_recall", "skipped_images"], table
+    assert table[1].split()[-1] == "0", table
     assert table[1].split()[0] == "zeroshot/shapes/en" and len(table) == 2, table
     assert len({len(line) for line in table}) == 1, f"table columns not aligned:\n{table}"
     expected_zeroshot = evaluate_zeroshot(model, processor, load_dataset(shapes, "zeroshot"),
                                           templates=get_templates("en"), batch_size=8)
+    none_skipped = {"skipped_images": {"count": 0, "examples": []}}
+    expected_zeroshot = {**expected_zeroshot, **none_skipped}
     assert json.loads(output.read_text()) == {"zeroshot/shapes/en": expected_zeroshot}
 
     assert eval_main(["--checkpoint", align_dir, "--task", "retrieval", "--dataset", photos,
                       "--batch-size", "8", "--output", str(output)]) == 0
     table = _lines(capsys.readouterr().out)
-    assert table[0].split() == ["evaluation", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mr"]
+    assert table[0].split() == ["evaluation", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mr",
+                                "skipped_images"]
     expected_retrieval = evaluate_retrieval(model, processor, load_dataset(photos, "retrieval"), batch_size=8)
-    assert f"{expected_retrieval['mr']:.2f}" == table[1].split()[-1], table
+    assert f"{expected_retrieval['mr']:.2f}" == table[1].split()[-2], table
+    expected_retrieval = {**expected_retrieval, **none_skipped}
     # Results accumulate in the file, as in a training workdir's eval_results.json.
     assert json.loads(output.read_text()) == {"zeroshot/shapes/en": expected_zeroshot,
                                               "retrieval/photos/en": expected_retrieval}
@@ -190,6 +195,7 @@ def test_embed_build_search_and_overwrite(align_dir, align, folders, tmp_path, c
     images = sorted(f"{c}/{i}.png" for c, n in (("red_square", 3), ("green_circle", 2), ("blue_star", 3))
                     for i in range(n))
     assert index["images"] == images and index["texts"] == texts and index["dim"] == 40
+    assert index["skipped_images"] == {"count": 0, "examples": []}, index["skipped_images"]
     assert index["model_type"] == "align" and index["checkpoint"] == os.path.abspath(align_dir)
     image_embeds, text_embeds = np.load(out / "image_embeds.npy"), np.load(out / "text_embeds.npy")
     embedder = Embedder(model, processor, batch_size=8)
@@ -291,3 +297,135 @@ def test_embed_altclip(folders, tmp_path, capsys):
     direct = jax.jit(lambda s, x: nnx.merge(graphdef, s)(**x))(state, {k: jnp.asarray(v) for k, v in inputs.items()})
     assert_close(np.load(out / "image_embeds.npy"), direct.image_embeds, atol=1e-6, what="AltCLIP image_embeds.npy vs model")
     assert_close(np.load(out / "text_embeds.npy"), direct.text_embeds, atol=1e-6, what="AltCLIP text_embeds.npy vs model")
+
+
+# --- unreadable images: skipped and counted, or fatal with --strict-images ----------------------------
+
+
+@pytest.fixture()
+def damaged(folders, tmp_path):
+    """Copies of the folders with unreadable images: in shapes, a 4th red square that is not an
+    image and green circle 1 cut in half (7 of 9 readable); in photos, p1 cut in half."""
+    import shutil
+
+    root = tmp_path / "damaged"
+    shutil.copytree(folders, root)
+    (root / "shapes" / "red_square" / "3.png").write_bytes(b"this is not an image")
+    for name in ("shapes/green_circle/1.png", "photos/p1.png"):
+        data = (root / name).read_bytes()
+        (root / name).write_bytes(data[: len(data) // 2])
+    shapes = [str(root / "shapes" / "green_circle" / "1.png"), str(root / "shapes" / "red_square" / "3.png")]
+    return root, shapes, [str(root / "photos" / "p1.png")]
+
+
+def test_eval_skips_and_counts_unreadable_images(align_dir, align, folders, damaged, tmp_path, capsys):
+    from altjax.evaluation import ClassificationSet, RetrievalSet
+
+    model, processor = align
+    root, broken_shapes, broken_photos = damaged
+    (tmp_path / "one.txt").write_text("a photo of a {}.\n")
+    output = tmp_path / "results.json"
+    assert eval_main(["--checkpoint", align_dir, "--task", "zeroshot", "--dataset", str(root / "shapes"),
+                      "--templates", str(tmp_path / "one.txt"), "--batch-size", "16", "--output", str(output)]) == 0
+    captured = capsys.readouterr()
+    table = _lines(captured.out)
+    assert table[0].split()[-1] == "skipped_images" and table[1].split()[-1] == "2", table
+    warning = _lines(captured.err)
+    assert len(warning) == 1 and warning[0].startswith("altjax-eval: warning: skipped 2 of 9 images that cannot "
+                                                       "be read (pass --strict-images"), captured.err
+    assert "Traceback" not in captured.err
+    result = json.loads(output.read_text())["zeroshot/shapes/en"]
+    skipped = result.pop("skipped_images")
+    assert skipped["count"] == 2 and len(skipped["examples"]) == 2, skipped
+    for path, example in zip(sorted(broken_shapes), sorted(skipped["examples"])):
+        assert example.startswith(f"{path}: cannot read image ("), (path, example)
+    # The metrics are those of the readable images alone: the original folder's 8 but green circle 1.
+    original = load_dataset(str(folders / "shapes"), "zeroshot")
+    keep = [i for i, p in enumerate(original.images) if not p.endswith("green_circle/1.png")]
+    expected = evaluate_zeroshot(model, processor, ClassificationSet(
+        "shapes", [original.images[i] for i in keep], original.labels[keep], original.class_names),
+        templates=["a photo of a {}."], batch_size=16)
+    assert result == expected, f"{result} != metrics of the readable images {expected}"
+
+    assert eval_main(["--checkpoint", align_dir, "--task", "retrieval", "--dataset", str(root / "photos"),
+                      "--batch-size", "8", "--output", str(output)]) == 0
+    captured = capsys.readouterr()
+    assert _lines(captured.out)[1].split()[-1] == "1" and "skipped 1 of 5 images" in captured.err, captured
+    result = json.loads(output.read_text())["retrieval/photos/en"]
+    assert result.pop("skipped_images")["examples"][0].startswith(f"{broken_photos[0]}: cannot read image ("), result
+    # Image p1 and its two captions are left out: the set of the other four.
+    photos = load_dataset(str(folders / "photos"), "retrieval")
+    keep = [i for i in range(5) if i != 1]
+    texts = [(t, keep.index(i)) for t, i in zip(photos.texts, photos.text_image_ids) if i != 1]
+    expected = evaluate_retrieval(model, processor, RetrievalSet("photos", [photos.images[i] for i in keep],
+                                                                 [t for t, _ in texts], [i for _, i in texts]),
+                                  batch_size=8)
+    assert result == expected, f"{result} != metrics without the unreadable image {expected}"
+
+
+def test_eval_strict_images_is_one_line_and_exit_2(align_dir, damaged, tmp_path, capsys):
+    root, _, broken_photos = damaged
+    output = tmp_path / "results.json"
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["--checkpoint", align_dir, "--task", "retrieval", "--dataset", str(root / "photos"),
+                   "--batch-size", "8", "--output", str(output), "--strict-images"])
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, captured.err
+    assert lines[0].startswith(f"altjax-eval: error: {broken_photos[0]}: cannot read image (") and lines[0].endswith(")"), lines
+    assert captured.out == "" and not output.exists(), "output written on error"
+
+
+def test_eval_strict_images_from_the_console_script(align_dir, damaged, tmp_path):
+    root, broken_shapes, _ = damaged
+    (tmp_path / "one.txt").write_text("a {}\n")
+    run = subprocess.run([str(VENV_BIN / "altjax-eval"), "--checkpoint", align_dir, "--task", "zeroshot",
+                          "--dataset", str(root / "shapes"), "--templates", str(tmp_path / "one.txt"),
+                          "--batch-size", "16", "--strict-images"],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert re.fullmatch(rf"altjax-eval: error: ({'|'.join(map(re.escape, broken_shapes))}): cannot read image \(.+\)",
+                        lines[0]), lines[0]
+
+
+def test_embed_skips_and_counts_unreadable_images(align_dir, align, damaged, tmp_path, capsys):
+    model, processor = align
+    root, broken_shapes, _ = damaged
+    out = tmp_path / "index"
+    assert embed_main(["--checkpoint", align_dir, "--images", str(root / "shapes"), "--out", str(out),
+                       "--batch-size", "16"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"wrote 7 images (40-d embeddings) to {out}; skipped 2 unreadable images", captured.out
+    assert _lines(captured.err)[0].startswith("altjax-embed: warning: skipped 2 of 9 images"), captured.err
+    index = json.loads((out / "index.json").read_text())
+    assert index["skipped_images"]["count"] == 2 and len(index["images"]) == 7, index
+    assert sorted(e.split(": cannot read image (")[0] for e in index["skipped_images"]["examples"]) == sorted(broken_shapes)
+    embeds = np.load(out / "image_embeds.npy")
+    assert embeds.shape == (7, 40) and np.isfinite(embeds).all(), embeds.shape
+    readable = Embedder(model, processor, batch_size=16).embed_images([str(root / "shapes" / p) for p in index["images"]])
+    assert_close(embeds, readable, atol=1e-6, what="embeddings of the readable images")
+
+    # --strict-images: one line, exit 2, nothing written; an unreadable --query-image likewise.
+    with pytest.raises(SystemExit) as exit_info:
+        embed_main(["--checkpoint", align_dir, "--images", str(root / "shapes"), "--out", str(tmp_path / "strict"),
+                    "--batch-size", "16", "--strict-images"])
+    lines = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert re.fullmatch(rf"altjax-embed: error: ({'|'.join(map(re.escape, broken_shapes))}): cannot read image \(.+\)",
+                        lines[0]), lines[0]
+    assert not (tmp_path / "strict").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        embed_main(["--index", str(out), "--query-image", broken_shapes[0]])
+    lines = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and lines == [lines[0]] and lines[0].startswith(
+        f"altjax-embed: error: {broken_shapes[0]}: cannot read image ("), lines
+    # Nothing readable at all: one line.
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    (empty / "a.png").write_bytes(b"junk")
+    with pytest.raises(SystemExit) as exit_info:
+        embed_main(["--checkpoint", align_dir, "--images", str(empty), "--out", str(tmp_path / "o")])
+    lines = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and lines[-1].startswith(f"altjax-embed: error: {empty}: none of the 1 images "
+                                                              "can be read (the first: "), lines

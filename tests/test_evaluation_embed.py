@@ -112,6 +112,35 @@ def test_batch_size_rounding_and_paths_and_bytes(align, tmp_path):
         embedder.embed_images([str(tmp_path / "missing.png")])
 
 
+def test_unreadable_images_are_skipped_and_counted_or_raise(align, tmp_path):
+    # 8 devices, batch 8: the broken bytes (row 5) sit on device 5 of batch 0, the broken file
+    # (row 9) on device 1 of batch 1. Every process sees the same rows skipped.
+    model, processor = align
+    embedder = Embedder(model, processor, batch_size=8)
+    images, _, _, _ = worker.eval_data()
+    good = [np.asarray(x) for x in images[:11]]
+    items = list(good)
+    items[5] = b"\x89PNG\r\n\x1a\n not really"
+    broken_file = tmp_path / "cut.png"
+    Image.fromarray(good[9]).save(broken_file)
+    broken_file.write_bytes(broken_file.read_bytes()[:40])
+    items[9] = str(broken_file)
+    skipped = embed_lib.SkippedImages()
+    embeds = embedder.embed_images(items, skipped=skipped)
+    assert skipped.indices == [5, 9] and skipped.count == 2, skipped
+    assert skipped.examples[0].startswith("images[5]: cannot read image (") and skipped.examples[1].startswith(
+        f"{broken_file}: cannot read image ("), skipped.examples
+    assert skipped.as_dict() == {"count": 2, "examples": skipped.examples}
+    assert np.isnan(embeds[[5, 9]]).all() and np.isfinite(np.delete(embeds, [5, 9], axis=0)).all()
+    keep = [i for i in range(11) if i not in (5, 9)]
+    assert_close(embeds[keep], embedder.embed_images([good[i] for i in keep]), atol=ATOL,
+                 what="readable images embedded beside unreadable ones")
+    with pytest.raises(embed_lib.UnreadableImageError, match=r"^images\[5\]: cannot read image \(.+\)$"):
+        embedder.embed_images(items)
+    with pytest.raises(OSError, match=f"^{broken_file}: cannot read image"):
+        embedder.embed_images(items[6:])
+
+
 # --- a model whose embeddings the test chooses ------------------------------------------------------
 
 CLASSES = ["cat", "dog", "car", "tree", "boat", "lamp"]

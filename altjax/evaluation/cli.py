@@ -9,6 +9,13 @@ a training workdir's ``eval_results.json``).
 and ``index.json`` (the rows' image paths and texts, the model, the dimension). ``altjax-embed
 --index OUTDIR --query TEXT`` (or ``--query-image PATH``) prints the best matches among both.
 
+Unreadable images (a corrupt or truncated file) are skipped and counted by both tools: the count
+and a few examples are printed (a ``skipped_images`` column of altjax-eval's table, a line of
+altjax-embed's summary, a warning on stderr) and written to the JSON (``"skipped_images":
+{"count": n, "examples": [...]}`` in each evaluation of ``--output``, and in ``index.json``).
+With ``--strict-images`` the first one is an error instead:
+``<prog>: error: <file>: cannot read image (<reason>)``, exit status 2.
+
 Expected failures (a missing or wrong checkpoint, an unknown or unprepared dataset, an existing
 output) print one ``<prog>: error: ...`` line and exit with status 2.
 """
@@ -18,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any, Optional, Sequence
 
@@ -29,6 +37,9 @@ TEXT_EMBEDS_FILE = "text_embeds.npy"
 INDEX_FORMAT = "altjax-embed/1"
 MODEL_TYPES = {"align": ("AlignModel", "AlignProcessor"), "altclip": ("AltCLIPModel", "AltCLIPProcessor")}
 DTYPES = ("float32", "bfloat16")
+SKIPPED_IMAGES = "skipped_images"
+STRICT_IMAGES_HELP = ("an unreadable image (a corrupt file) is an error, exit status 2; by default it is "
+                      "skipped, counted and reported")
 
 
 class CommandError(Exception):
@@ -89,11 +100,18 @@ def _is_main_process() -> bool:
 # --- altjax-eval ---------------------------------------------------------------------------------
 
 
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    """One aligned row per evaluation, one column per metric (percentages, 2 decimals)."""
+def _cell(value: Any) -> str:
+    if isinstance(value, dict) and "count" in value:  # skipped_images: the count
+        return str(value["count"])
+    return f"{value:.2f}"
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """One aligned row per evaluation, one column per metric (percentages, 2 decimals; the
+    ``skipped_images`` column gives their count)."""
     metrics = list(dict.fromkeys(k for values in results.values() for k in values))
     header = ["evaluation", *metrics]
-    rows = [[name, *(f"{values[m]:.2f}" if m in values else "-" for m in metrics)]
+    rows = [[name, *(_cell(values[m]) if m in values else "-" for m in metrics)]
             for name, values in results.items()]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
@@ -158,12 +176,21 @@ def _eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="where the scenes set or tfds datasets are stored")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
     parser.add_argument("--output", metavar="FILE.json", help="merge the metrics into this JSON file")
+    parser.add_argument("--strict-images", action="store_true", help=STRICT_IMAGES_HELP)
     return parser
+
+
+def _warn_skipped(prog: str, skipped, total: int) -> None:
+    """One stderr line about the images skipped as unreadable (none: nothing)."""
+    if skipped is not None and skipped.count:
+        more = f", ... ({skipped.count - len(skipped.examples)} more)" if skipped.count > len(skipped.examples) else ""
+        print(f"{prog}: warning: skipped {skipped.count} of {total} images that cannot be read "
+              f"(pass --strict-images to make this an error): {'; '.join(skipped.examples)}{more}", file=sys.stderr)
 
 
 def _eval(args) -> int:
     from altjax.evaluation.datasets import load_dataset, read_class_names
-    from altjax.evaluation.embed import evaluate_retrieval, evaluate_zeroshot, evaluation_key
+    from altjax.evaluation.embed import SkippedImages, evaluate_retrieval, evaluate_zeroshot, evaluation_key
     from altjax.evaluation.templates import get_templates
 
     if args.batch_size < 1:
@@ -178,13 +205,16 @@ def _eval(args) -> int:
     dataset = load_dataset(args.dataset, args.task, split=args.split, lang=args.lang, data_dir=args.data_dir,
                            class_names=class_names)
     model, processor, _ = load_checkpoint(args.checkpoint, dtype=args.dtype)
-    options = dict(batch_size=args.batch_size, text_length=args.text_length, progress=True)
+    skipped = None if args.strict_images else SkippedImages()
+    options = dict(batch_size=args.batch_size, text_length=args.text_length, progress=True, skipped=skipped)
     if args.task == "zeroshot":
         metrics = evaluate_zeroshot(model, processor, dataset, templates=templates, **options)
     else:
         metrics = evaluate_retrieval(model, processor, dataset, **options)
+    metrics = {**metrics, SKIPPED_IMAGES: (skipped or SkippedImages()).as_dict()}
     results = {evaluation_key(args.task, dataset.name, dataset.lang): metrics}
     if _is_main_process():
+        _warn_skipped("altjax-eval", skipped, len(dataset.images))
         print(format_table(results))
         if args.output:
             write_results(args.output, results)
@@ -302,12 +332,13 @@ def _embed_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="global batch size")
     parser.add_argument("--text-length", type=int, help="tokens per text (default: the processor's, else 77)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
+    parser.add_argument("--strict-images", action="store_true", help=STRICT_IMAGES_HELP)
     return parser
 
 
 def _build_index(args) -> int:
     from altjax.evaluation.datasets import list_images
-    from altjax.evaluation.embed import Embedder
+    from altjax.evaluation.embed import Embedder, SkippedImages
 
     if not (args.images or args.texts):
         raise CommandError("nothing to embed: pass --images FOLDER and/or --texts FILE")
@@ -330,10 +361,21 @@ def _build_index(args) -> int:
     arrays = {}
     index: dict[str, Any] = {"format": INDEX_FORMAT, "checkpoint": os.path.abspath(args.checkpoint),
                              "model_type": model_type, "text_length": embedder.text_length}
+    skipped = None
     if images is not None:
-        arrays[IMAGE_EMBEDS_FILE] = embedder.embed_images([os.path.join(args.images, p) for p in images])
+        skipped = None if args.strict_images else SkippedImages()
+        embeds = embedder.embed_images([os.path.join(args.images, p) for p in images], skipped=skipped)
+        if skipped is not None and skipped.count:
+            if skipped.count == len(images):
+                raise CommandError(f"{args.images}: none of the {len(images)} images can be read "
+                                   f"(the first: {skipped.examples[0]})")
+            keep = np.ones(len(images), bool)
+            keep[skipped.indices] = False
+            embeds, images = embeds[keep], [p for p, k in zip(images, keep) if k]
+        arrays[IMAGE_EMBEDS_FILE] = embeds
         index["images_root"] = os.path.abspath(args.images)
         index["images"] = images
+        index[SKIPPED_IMAGES] = (skipped or SkippedImages()).as_dict()
     if texts is not None:
         arrays[TEXT_EMBEDS_FILE] = embedder.embed_texts(texts)
         index["texts_file"] = os.path.abspath(args.texts)
@@ -341,16 +383,19 @@ def _build_index(args) -> int:
     index["dim"] = next(iter(arrays.values())).shape[1]
     if _is_main_process():
         write_index(args.out, index, arrays, overwrite=args.overwrite)
+        if skipped is not None:
+            _warn_skipped("altjax-embed", skipped, len(images) + skipped.count)
         counts = ", ".join(f"{len(index[k])} {k}" for k in ("images", "texts") if k in index)
-        print(f"wrote {counts} ({index['dim']}-d embeddings) to {args.out}")
+        unread = f"; skipped {skipped.count} unreadable images" if skipped is not None and skipped.count else ""
+        print(f"wrote {counts} ({index['dim']}-d embeddings) to {args.out}{unread}")
     return 0
 
 
 def _search(args) -> int:
     from altjax.evaluation.embed import Embedder
 
-    if args.images or args.texts or args.overwrite:
-        raise CommandError("--images, --texts and --overwrite build an index (--out), not search one")
+    if args.images or args.texts or args.overwrite or args.strict_images:
+        raise CommandError("--images, --texts, --overwrite and --strict-images build an index (--out), not search one")
     if not (args.query or args.query_image):
         raise CommandError("--index needs --query TEXT or --query-image PATH")
     if args.top_k < 1:

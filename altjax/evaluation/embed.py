@@ -9,6 +9,11 @@ returns the batch replicated on every device, so each process reads the whole ba
 separate gather. The last batch is padded with copies of the last item, whose embeddings are
 dropped: every batch has the same shape, so each tower compiles once.
 
+Unreadable images (a corrupt or truncated file, bytes PIL cannot decode) raise
+:class:`UnreadableImageError` (``<file>: cannot read image (<reason>)``) on every process at the
+same batch, or, given a :class:`SkippedImages`, are skipped and counted there: their rows are NaN
+and the evaluations leave them out (retrieval also leaves out their captions).
+
 ``evaluate_zeroshot`` and ``evaluate_retrieval`` are the evaluations of ``eval_results.json``
 (DESIGN.md section 3), callable from a training loop every N steps: the jitted functions are
 cached on the model's graph definition, so repeated evaluations of a model whose weights change
@@ -16,6 +21,7 @@ compile nothing new.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import os
@@ -41,29 +47,66 @@ DEFAULT_TEXT_LENGTH = 77
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def open_image(item: Any) -> Any:
+class UnreadableImageError(OSError):
+    """An image file or encoded image that cannot be read: ``<file>: cannot read image (<reason>)``."""
+
+
+@dataclasses.dataclass
+class SkippedImages:
+    """The images :meth:`Embedder.embed_images` skipped as unreadable: their ``indices`` (into
+    the images given) and up to ``max_examples`` messages ``<file>: cannot read image (<reason>)``.
+    ``as_dict()`` is the ``{"count": n, "examples": [...]}`` that altjax-eval and altjax-embed report."""
+
+    indices: list[int] = dataclasses.field(default_factory=list)
+    examples: list[str] = dataclasses.field(default_factory=list)
+    max_examples: int = 5
+
+    @property
+    def count(self) -> int:
+        """How many images were skipped."""
+        return len(self.indices)
+
+    def add(self, index: int, message: str) -> None:
+        """Records image ``index`` as skipped."""
+        self.indices.append(int(index))
+        if len(self.examples) < self.max_examples:
+            self.examples.append(message)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"count": n, "examples": [messages]}`` (JSON-serialisable)."""
+        return {"count": self.count, "examples": list(self.examples)}
+
+
+def _reason(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def open_image(item: Any, *, name: Optional[str] = None) -> Any:
     """An image item as the processor takes it: a path (str / PathLike) or encoded bytes are
-    opened with PIL; PIL images and uint8 arrays pass through."""
-    if isinstance(item, (str, os.PathLike)):
+    opened with PIL; PIL images and uint8 arrays pass through.
+
+    Raises :class:`UnreadableImageError` (an OSError), ``<file>: cannot read image (<reason>)``,
+    for a path or bytes that do not decode to a whole image (``name`` names the bytes in it).
+    """
+    if isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview)):
         from PIL import Image
 
+        path = isinstance(item, (str, os.PathLike))
         try:
-            with Image.open(item) as image:
+            with Image.open(item if path else io.BytesIO(bytes(item))) as image:
                 image.load()
                 return image
-        except OSError as e:
-            raise OSError(f"cannot read image {os.fspath(item)}: {e}") from None
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        from PIL import Image
-
-        image = Image.open(io.BytesIO(bytes(item)))
-        image.load()
-        return image
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged files
+            where = os.fspath(item) if path else (name or "encoded image")
+            raise UnreadableImageError(f"{where}: cannot read image ({_reason(e)})") from None
     return item
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "tower", "mesh"))
 def _embed_batch(state, batch, *, graphdef, tower: str, mesh: Mesh):
+    batch = dict(batch)
+    valid = batch.pop("valid", None)  # images: which rows were read (the others are placeholders)
     model = nnx.merge(graphdef, state)
     # Evaluation always runs without dropout and with BatchNorm running statistics, whatever mode
     # the (training) model was in; this only changes the merged copy.
@@ -76,7 +119,10 @@ def _embed_batch(state, batch, *, graphdef, tower: str, mesh: Mesh):
     # The same normalisation as the models' image_embeds / text_embeds (no epsilon).
     embeds = features / jnp.linalg.norm(features, axis=-1, keepdims=True)
     # Replicated output: every process can read the whole batch from its first local device.
-    return jax.lax.with_sharding_constraint(embeds, NamedSharding(mesh, P()))
+    replicated = NamedSharding(mesh, P())
+    if valid is None:
+        return jax.lax.with_sharding_constraint(embeds, replicated)
+    return jax.lax.with_sharding_constraint(embeds, replicated), jax.lax.with_sharding_constraint(valid, replicated)
 
 
 def _replicate(x, sharding: NamedSharding):
@@ -165,19 +211,48 @@ class Embedder:
         self._graphdef = graphdef
         self._state = _place_state(state, self.mesh)
 
-    def embed_images(self, images: Sequence[Any], *, what: str = "images") -> np.ndarray:
+    def embed_images(self, images: Sequence[Any], *, what: str = "images",
+                     skipped: Optional[SkippedImages] = None) -> np.ndarray:
         """(N, D) float32 normalised image embeddings of ``images``, in order, on every process.
 
         ``images`` is a sequence (``len`` and indexing) of PIL images, uint8 (H, W[, C]) arrays,
         image file paths or encoded image bytes, or a uint8 (N, H, W, C) array. Items are read
         in increasing index order, each process only its own rows.
+
+        An image that cannot be read raises :class:`UnreadableImageError` on every process (at the
+        batch after the one holding it, ``<file>: cannot read image (<reason>)``), unless
+        ``skipped`` is given: then it is recorded there and its row is NaN.
         """
+        errors: dict[int, str] = {}  # this process's unreadable images
+
+        def describe(i: int) -> str:
+            item = images[i] if isinstance(images, (list, tuple)) else None
+            return os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"{what}[{i}]"
 
         def load(indices):
-            pixels = self.processor(images=[open_image(images[int(i)]) for i in indices])["pixel_values"]
-            return {"pixel_values": np.asarray(pixels, np.float32)}
+            opened, valid = [], []
+            for i in map(int, indices):
+                try:
+                    opened.append(open_image(images[i], name=f"{what}[{i}]"))
+                    valid.append(True)
+                except UnreadableImageError as e:
+                    errors[i] = str(e)
+                    opened.append(_placeholder_image())  # embedded like any image, then dropped
+                    valid.append(False)
+            pixels = self.processor(images=opened)["pixel_values"]
+            return {"pixel_values": np.asarray(pixels, np.float32), "valid": np.asarray(valid)}
 
-        return self._embed("image", len(images), load, what)
+        def message(i: int) -> str:
+            return errors.get(i) or f"{describe(i)}: cannot read image (read by another process)"
+
+        def fail(i: int):
+            raise UnreadableImageError(message(i))
+
+        out, valid = self._embed("image", len(images), load, what, fail=None if skipped is not None else fail)
+        for i in np.flatnonzero(~valid):
+            skipped.add(int(i), message(int(i)))
+            out[i] = np.nan
+        return out
 
     def embed_texts(self, texts: Sequence[str], *, what: str = "texts") -> np.ndarray:
         """(N, D) float32 normalised text embeddings of ``texts``, in order, on every process."""
@@ -187,9 +262,12 @@ class Embedder:
                                      truncation=True, max_length=self.text_length, return_tensors="np")
             return {k: np.asarray(encoded[k], np.int32) for k in TEXT_INPUTS if k in encoded}
 
-        return self._embed("text", len(texts), load, what)
+        return self._embed("text", len(texts), load, what)[0]
 
-    def _embed(self, tower: str, n: int, load: Callable[[np.ndarray], dict], what: str) -> np.ndarray:
+    def _embed(self, tower: str, n: int, load: Callable[[np.ndarray], dict], what: str,
+               fail: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, np.ndarray]:
+        """The (n, D) embeddings and which rows were valid (read), in order. ``fail(i)`` is called
+        (on every process alike) with the first invalid row of a batch, when given."""
         if n == 0:
             raise ValueError(f"no {what} to embed")
         divisor = batch_size_divisor(self.mesh)
@@ -199,14 +277,23 @@ class Embedder:
         # Only runs of several batches report progress.
         progress = Progress(n, f"embedding {what}", unit=what, enabled=self.progress and n > batch)
         out: Optional[np.ndarray] = None
+        valid = np.ones(n, bool)
         pending = None
 
         def collect(start, result):
             nonlocal out
+            count = min(batch, n - start)
+            if isinstance(result, tuple):
+                result, read = result
+                valid[start:start + count] = np.asarray(read.addressable_data(0))[:count]
+                if fail is not None and not valid[start:start + count].all():
+                    if progress.enabled and progress.count and getattr(progress, "_tty", False):
+                        progress.stream.write("\n")  # the error goes on a line of its own
+                    progress.enabled = False
+                    fail(start + int(np.argmin(valid[start:start + count])))
             result = np.asarray(result.addressable_data(0))
             if out is None:
                 out = np.empty((n, result.shape[1]), np.float32)
-            count = min(batch, n - start)
             out[start:start + count] = result[:count]
             progress.update(count)
 
@@ -220,7 +307,13 @@ class Embedder:
             pending = (start, result)
         collect(*pending)
         progress.close()
-        return out
+        return out, valid
+
+
+def _placeholder_image():
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32))
 
 
 def default_templates(lang: str) -> tuple[str, ...]:
@@ -245,32 +338,53 @@ def _embedder(model, processor, mesh, batch_size, text_length, progress) -> Embe
                     progress=progress)
 
 
+def _readable(dataset, skipped: Optional[SkippedImages]) -> np.ndarray:
+    """Which images of ``dataset`` were read; ValueError when none was."""
+    keep = np.ones(len(dataset.images), bool)
+    if skipped is not None and skipped.count:
+        keep[skipped.indices] = False
+        if not keep.any():
+            raise ValueError(f"{dataset.name}: none of its {keep.size} images could be read "
+                             f"(the first: {skipped.examples[0]})")
+    return keep
+
+
 def evaluate_zeroshot(model: nnx.Module, processor: Any, dataset, *, templates: Optional[Sequence[str]] = None,
                       mesh: Optional[Mesh] = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                      text_length: Optional[int] = None, progress: bool = False) -> dict[str, float]:
+                      text_length: Optional[int] = None, progress: bool = False,
+                      skipped: Optional[SkippedImages] = None) -> dict[str, float]:
     """Zero-shot classification of ``dataset`` (a ``ClassificationSet``): ``top1``, ``top5``,
     ``mean_per_class_recall`` in percent.
 
     ``templates`` default to the dataset's own (ImageNet: the 80 CLIP prompts), else the built-in
-    set for the dataset's language. Other arguments: see :class:`Embedder`.
+    set for the dataset's language. An unreadable image raises :class:`UnreadableImageError`,
+    unless ``skipped`` is given: then it is recorded there and left out of the metrics. Other
+    arguments: see :class:`Embedder`.
     """
     embedder = _embedder(model, processor, mesh, batch_size, text_length, progress)
     if templates is None:
         templates = dataset.templates or default_templates(dataset.lang)
     classifier = build_classifier(embedder, dataset.class_names, templates)
-    image_embeds = embedder.embed_images(dataset.images)
-    return zeroshot_metrics(image_embeds, classifier, dataset.labels, mesh=local_mesh(embedder.mesh))
+    image_embeds = embedder.embed_images(dataset.images, skipped=skipped)
+    keep = _readable(dataset, skipped)
+    return zeroshot_metrics(image_embeds[keep], classifier, dataset.labels[keep], mesh=local_mesh(embedder.mesh))
 
 
 def evaluate_retrieval(model: nnx.Module, processor: Any, dataset, *, mesh: Optional[Mesh] = None,
                        batch_size: int = DEFAULT_BATCH_SIZE, text_length: Optional[int] = None,
-                       progress: bool = False) -> dict[str, float]:
+                       progress: bool = False, skipped: Optional[SkippedImages] = None) -> dict[str, float]:
     """Image-text retrieval on ``dataset`` (a ``RetrievalSet``): R@1/5/10 both ways and their
-    mean ``mr``, in percent (``retrieval_metrics``). Other arguments: see :class:`Embedder`."""
+    mean ``mr``, in percent (``retrieval_metrics``). An unreadable image raises
+    :class:`UnreadableImageError`, unless ``skipped`` is given: then it is recorded there and it
+    and its captions are left out of the metrics. Other arguments: see :class:`Embedder`."""
     embedder = _embedder(model, processor, mesh, batch_size, text_length, progress)
-    image_embeds = embedder.embed_images(dataset.images)
-    text_embeds = embedder.embed_texts(dataset.texts)
-    return retrieval_metrics(image_embeds, text_embeds, dataset.text_image_ids, mesh=local_mesh(embedder.mesh))
+    image_embeds = embedder.embed_images(dataset.images, skipped=skipped)
+    keep = _readable(dataset, skipped)
+    ids = np.asarray(dataset.text_image_ids)
+    texts = keep[ids]
+    new_ids = np.cumsum(keep) - 1  # old image index -> index among the images kept
+    text_embeds = embedder.embed_texts([t for t, k in zip(dataset.texts, texts) if k])
+    return retrieval_metrics(image_embeds[keep], text_embeds, new_ids[ids[texts]], mesh=local_mesh(embedder.mesh))
 
 
 def evaluation_key(task: str, dataset: str, lang: str) -> str:
