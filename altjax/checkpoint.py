@@ -742,14 +742,27 @@ def _save_orbax(directory: str, params: Mapping[str, Any]) -> None:
         (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=arrays)
     absl = logging.getLogger("absl")
-    absl.addFilter(_no_ocdbt_merge_warning)
+    absl.addFilter(_quiet_orbax_save)
     try:
         ocp.Checkpointer(handler).save(os.path.abspath(directory), _nest(params))
+    except OSError:
+        raise
+    except Exception as e:
+        # A write that failed (a full disk, no permission) arrives as a ValueError carrying
+        # tensorstore's status: one line saying which file and why, as an OSError would.
+        code = re.search(r"os_error_code='?(\d+)", str(e))
+        if code:
+            number = int(code.group(1))
+            raise OSError(number, os.strerror(number), directory) from None
+        raise
     finally:
-        absl.removeFilter(_no_ocdbt_merge_warning)
+        absl.removeFilter(_quiet_orbax_save)
 
 
-def _no_ocdbt_merge_warning(record: logging.LogRecord) -> bool:
+def _quiet_orbax_save(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
     # Without OCDBT (on purpose, above) orbax warns at every save that it found no per-process
     # OCDBT directories to merge: nothing is wrong, and the warning names a temporary directory.
-    return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
+    # A failed write is logged with its traceback by each of orbax's writer threads; the save
+    # then raises, and that error is reported once.
+    return "Skipping merge of OCDBT checkpoints" not in message and "_SignalingThread.run() raised" not in message

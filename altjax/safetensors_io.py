@@ -142,13 +142,18 @@ def write_safetensors(file: str | os.PathLike, tensors: Mapping[str, Any], names
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the reference writer does
-    with open(file, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
-        for name in names:
-            array = np.asarray(tensors[name])
-            if (array.shape, array.dtype) != specs[name]:
-                raise SafetensorsError(f"{name!r}: produced {array.shape} {array.dtype}, announced {specs[name]}")
-            f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
-            del array
+    try:
+        with open(file, "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little"))
+            f.write(encoded)
+            for name in names:
+                array = np.asarray(tensors[name])
+                if (array.shape, array.dtype) != specs[name]:
+                    raise SafetensorsError(f"{name!r}: produced {array.shape} {array.dtype}, announced {specs[name]}")
+                f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+                del array
+    except OSError as e:
+        if e.filename is None and e.errno is not None:  # a failed write names no file: say which
+            raise OSError(e.errno, e.strerror, os.fspath(file)) from None
+        raise
     return 8 + len(encoded) + offset

@@ -2,7 +2,8 @@
 proving with one batch through both frameworks that nothing changed on the way.
 
 Exit status: 0 on success, 1 when ``--check`` finds a difference above the tolerance (nothing is
-written then), 2 on bad input (one line on stderr, no traceback, nothing written).
+written then), 2 on bad input or an output that cannot be written (one line on stderr, no
+traceback, nothing written).
 
 ``--overwrite`` replaces OUT only when it is an earlier output of altjax (an altjax directory, or an
 HF directory altjax wrote) or an empty directory, and never when OUT is SRC or a directory above
@@ -89,11 +90,17 @@ def convert(args: argparse.Namespace) -> int:
     model = cls.from_pretrained(src, progress=progress)
     fmt = "altjax" if args.direction == "to-altjax" else "hf"
     # Written and checked in a staging directory beside OUT; renamed into place only when it passed.
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.stage-", dir=os.path.dirname(out))
+    try:
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.stage-", dir=os.path.dirname(out))
+    except OSError as e:  # no permission to write there
+        raise checkpoint.CheckpointError(f"{out}: cannot write the output ({e.strerror or e})") from None
     try:
         written = os.path.join(staging, "out")
         kwargs = {"max_shard_size": args.max_shard_size} if fmt == "hf" else {}
-        model.save_pretrained(written, format=fmt, progress=progress, **kwargs)
+        try:
+            model.save_pretrained(written, format=fmt, progress=progress, **kwargs)
+        except OSError as e:  # a full disk: one line, and the staging directory goes
+            raise checkpoint.CheckpointError(f"{out}: cannot write the output ({e.strerror or e}); nothing written") from None
         _log(args.quiet, f"converted in {time.perf_counter() - start:.1f}s")
         if args.check:
             hf_dir, jax_dir = (src, written) if fmt == "altjax" else (written, src)
@@ -139,6 +146,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return convert(args)
     except (CheckpointError, ConversionError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a source file that cannot be read
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{PROG}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing written", file=sys.stderr)

@@ -8,6 +8,7 @@ altjax-convert):
   array, and nothing after it (no ``Event loop is closed`` tracebacks from orbax at exit).
 * Directories and files altjax writes get the modes the umask gives, not mkdtemp's 0700/0600.
 """
+import errno
 import hashlib
 import json
 import os
@@ -233,6 +234,49 @@ def test_missing_array_is_named_by_from_pretrained(dirs, tmp_path):
     with pytest.raises(CheckpointError, match=r"the array 'text_projection\.kernel' is missing") as e:
         AlignModel.from_pretrained(tmp_path / "m")
     assert "\n" not in str(e.value) and "NoneType" not in str(e.value)
+
+
+class FullDisk:
+    """A file whose every write fails as on a full disk (naming no file, as ``f.write`` does)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def orbax_full_disk(*args, **kwargs):  # what orbax raises when tensorstore cannot write an array
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "/x/0.0": Failed to write 3160944 bytes '
+                     "to file 17: No space left on device [os_error_code='28']")
+
+
+def test_a_full_disk_gives_one_line_and_leaves_nothing(dirs, tmp_path, capsys, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    model = AlignModel.from_pretrained(dirs / "jax")
+    monkeypatch.setattr(ocp.Checkpointer, "save", orbax_full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        model.save_pretrained(tmp_path / "jax")
+    code, out, err = convert(capsys, "to-altjax", dirs / "hf", tmp_path / "out")
+    monkeypatch.undo()
+    monkeypatch.setattr("altjax.safetensors_io.open", FullDisk, raising=False)  # the writer's; the orbax reader is tensorstore
+    with pytest.raises(OSError, match="No space left on device") as e:
+        model.save_pretrained(tmp_path / "hf", format="hf")
+    assert e.value.filename and e.value.filename.endswith("model.safetensors"), f"no file named: {e.value!r}"
+    results = [(code, err), convert(capsys, "to-hf", dirs / "jax", tmp_path / "out")[::2]]
+    for code, err in results:
+        lines = err.splitlines()
+        assert code == 2 and len(lines) == 1, f"exit {code}, stderr {err!r}"
+        assert lines[0] == f"altjax-convert: error: {tmp_path / 'out'}: cannot write the output (No space left on device); " \
+                           "nothing written", lines[0]
+    assert os.listdir(tmp_path) == [], f"a failed write left {os.listdir(tmp_path)}"
 
 
 # --- 8. permissions follow the umask -----------------------------------------------------------
