@@ -6,6 +6,7 @@ altjax-convert):
   line, exit status 2, and leaves every file as it was.
 * A corrupt or incomplete altjax (or HF) directory gives one line naming the file or the missing
   array, and nothing after it (no ``Event loop is closed`` tracebacks from orbax at exit).
+* A full disk while writing gives one line naming the output, exit 2, and leaves nothing behind.
 * Directories and files altjax writes get the modes the umask gives, not mkdtemp's 0700/0600.
 """
 import errno
