@@ -25,6 +25,8 @@ import os
 import sys
 import time
 
+from altjax import train
+
 METRICS = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10")
 ROWS = (("CLIP (teacher)", "teacher"), ("AltCLIP phase 1", "phase1"), ("AltCLIP phase 2", "phase2"))
 LANGS = ("en", "zh")
@@ -58,8 +60,6 @@ def _common(c, steps: int, lr: float, warmup: int) -> None:
 
 def teacher_config(steps: int):
     """A tiny CLIP trained on the English captions (the phase-2 recipe, everything trainable)."""
-    from altjax import train
-
     c = train.load_config(os.path.join(train.CONFIGS_DIR, "altclip_contrastive.py"))
     _common(c, steps, 2e-3, 50)
     c.freeze = ""
@@ -76,8 +76,6 @@ def teacher_config(steps: int):
 
 def phase1_config(steps: int, teacher_dir: str):
     """Teacher learning at tiny size: scenes caption pairs, EN-EN and EN-ZH."""
-    from altjax import train
-
     c = train.load_config(os.path.join(train.CONFIGS_DIR, "altclip_distill.py"))
     _common(c, steps, 2e-3, 50)
     c.model.preset = "altclip-tiny"
@@ -91,8 +89,6 @@ def phase1_config(steps: int, teacher_dir: str):
 
 def phase2_config(steps: int, student_dir: str):
     """Contrastive learning at tiny size: EN and ZH captions, image tower frozen."""
-    from altjax import train
-
     c = train.load_config(os.path.join(train.CONFIGS_DIR, "altclip_contrastive.py"))
     _common(c, steps, 3e-4, 20)
     c.model.preset = "altclip-tiny"
@@ -108,8 +104,6 @@ def scaled_steps(scale: float) -> dict[str, int]:
 
 def run_phase(config, workdir: str) -> dict:
     """Trains ``config`` in ``workdir`` (unless it finished before); its final evaluation."""
-    from altjax import train
-
     results = os.path.join(workdir, "eval_results.json")
     if not os.path.isdir(os.path.join(workdir, "model")):
         train.train(config, workdir)
@@ -142,8 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="altclip-demo", help="where the runs are written (default: %(default)s)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every run's steps (default: %(default)s)")
     args = parser.parse_args(argv)
-    steps = scaled_steps(args.scale)
-    workdir = os.path.abspath(args.workdir)
+    try:
+        return run(args.workdir, args.scale)
+    except train.USER_ERRORS + train.RUN_FAILURES as e:
+        return train.report("altclip-demo", e)
+
+
+def run(workdir: str, scale: float) -> int:
+    """The three runs in ``workdir``, each ``scale`` times as long (see :func:`main`)."""
+    steps = scaled_steps(scale)
+    workdir = os.path.abspath(workdir)
     start = time.perf_counter()
     evals = {}
     print(f"[1/3] teacher: a tiny CLIP on the English captions, {steps['teacher']} steps", flush=True)

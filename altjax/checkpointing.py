@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from typing import Any, Optional
 
@@ -27,14 +28,31 @@ from jax.experimental import multihost_utils
 from altjax.sharding import path_to_str
 
 log = logging.getLogger("altjax.train")
+# Orbax names a step directory being written "<step>.orbax-checkpoint-tmp-<timestamp>".
+TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
 class NoUsableCheckpoint(RuntimeError):
     """Checkpoints exist but none of them restores."""
 
 
+class CheckpointSaveFailed(RuntimeError):
+    """An asynchronous save failed (a full disk, lost storage): the run stops before more work is lost."""
+
+
 class IncompatibleCheckpoint(ValueError):
     """A checkpoint of another train state (another model, optimiser or set of frozen parameters)."""
+
+
+class _QuietBackgroundFailures(logging.Filter):
+    """Drops orbax's own report of a failed background save (its traceback runs to hundreds of
+    lines): :meth:`Checkpointer.check` raises the same exception, reported in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.exc_info and "orbax" in record.pathname)
+
+
+_QUIET = _QuietBackgroundFailures()
 
 
 def _is_key(x) -> bool:
@@ -117,6 +135,9 @@ class Checkpointer:
         registry.add("meta", ocp.args.JsonSave)
         registry.add("meta", ocp.args.JsonRestore)
         self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
+        self._saving: Optional[int] = None
+        # Kept for the process's life: orbax's threads may report a failed save after close().
+        logging.getLogger("absl").addFilter(_QUIET)
 
     def steps(self) -> list[int]:
         """The finished checkpoints' steps, oldest first."""
@@ -125,12 +146,52 @@ class Checkpointer:
     def save(self, step: int, state, data_states: list[dict[str, Any]]) -> None:
         """Starts saving ``state`` at ``step`` with the processes' input pipeline states."""
         meta = {"step": int(step), "paths": self.layout.paths, "data": data_states}
-        self.manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.PyTreeSave(self.layout.to_tree(state)), meta=ocp.args.JsonSave(meta)), force=True)
+        self.check()  # a failure of the previous save is reported as that step's
+        self._saving = int(step)
+        try:
+            self.manager.save(int(step), args=ocp.args.Composite(
+                state=ocp.args.PyTreeSave(self.layout.to_tree(state)), meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as error:  # noqa: BLE001 - a save that cannot start is a storage failure too
+            raise self._failed(error) from None
+
+    def check(self) -> None:
+        """Raises CheckpointSaveFailed if a save started earlier has failed in the background."""
+        # The manager's own check_for_errors misses a failure its finalising thread has already
+        # taken from the checkpointer; once no save is in progress, waiting returns at once and
+        # raises whatever the last save raised.
+        if not self.manager.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
-        """Blocks until every started save is on disk."""
-        self.manager.wait_until_finished()
+        """Blocks until every started save is on disk (CheckpointSaveFailed if one failed)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001
+            raise self._failed(error) from None
+
+    def _failed(self, error: BaseException) -> CheckpointSaveFailed:
+        why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+        good = [s for s in self._finished_steps() if s != self._saving]
+        return CheckpointSaveFailed(
+            f"saving the checkpoint of step {self._saving} failed ({why}); the run stopped; the last good "
+            f"checkpoint is {good[-1] if good else 'none'} in {self.directory}; fix the storage and run the same "
+            "command again to resume from it")
+
+    def _finished_steps(self) -> list[int]:
+        try:
+            return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
+        except OSError:
+            return []
+
+    def remove_temporary(self) -> None:
+        """Deletes the temporary directories of saves that will not finish (the process is exiting)."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            if TMP_MARKER in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def restore_latest(self) -> Optional[tuple[int, Any, list[dict[str, Any]]]]:
         """``(step, state, data_states)`` of the newest checkpoint that restores, or None when there
@@ -191,5 +252,7 @@ class Checkpointer:
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()

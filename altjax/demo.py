@@ -141,11 +141,21 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"total_steps={args.steps}")
 
     from altjax import train
+
+    try:
+        return run(args.workdir, overrides)
+    except train.USER_ERRORS + train.RUN_FAILURES as e:
+        return train.report("altjax-demo", e)
+
+
+def run(workdir: str, overrides: list[str]) -> int:
+    """The demo in ``workdir`` with ``--config`` overrides (see :func:`main`)."""
+    from altjax import train
     from altjax.data import scenes
 
     start = time.perf_counter()
     config = train.load_config(os.path.join(train.CONFIGS_DIR, "demo.py"), overrides)
-    workdir = os.path.abspath(args.workdir)
+    workdir = os.path.abspath(workdir)
     print(f"altjax demo: a tiny ALIGN trained from scratch on the embedded scenes dataset, in {workdir}")
     data_dir = config.data.data_dir or scenes.default_data_dir()
     print(f"[1/4] preparing the scenes dataset in {data_dir} (generated locally, once) ...", flush=True)

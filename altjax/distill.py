@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from altjax import config_checks
 from altjax.models import layers
 from altjax.models.altclip import AltCLIPConfig, AltCLIPModel
 from altjax.models.clip import CLIPConfig, CLIPModel
@@ -109,17 +110,16 @@ def scenes_xlmr_tokenizer(directory: str):
     return transformers.AutoTokenizer.from_pretrained(directory)
 
 
-def load_tokenizer(name: str, directory: str):
-    """``"scenes-clip"``, ``"scenes-xlmr"`` (written to ``directory``) or a tokenizer directory."""
-    from transformers import AutoTokenizer
-
+def load_tokenizer(name: str, directory: str, key: str = "data.tokenizer"):
+    """``"scenes-clip"``, ``"scenes-xlmr"`` (written to ``directory``) or a tokenizer directory
+    (``key``: the config entry that names it, for the error)."""
     if name == "scenes-clip":
         return scenes_clip_tokenizer(directory)
     if name == "scenes-xlmr":
         return scenes_xlmr_tokenizer(directory)
     if not name:
         raise ValueError("no tokenizer: give 'scenes-clip', 'scenes-xlmr' or a tokenizer directory")
-    return AutoTokenizer.from_pretrained(name)
+    return config_checks.pretrained_tokenizer(name, key)
 
 
 def processor_for(tokenizer, image_size: int, directory: str, max_length: int):
@@ -232,7 +232,8 @@ def build_model(config, processor_dir: str, mesh):
         raise ValueError(f"model.kind must be 'align' or one of {KINDS}, got {kind!r}")
     dtype = jnp.dtype(config.model.dtype)
     seed = int(config.seed)
-    tokenizer = load_tokenizer(config.data.tokenizer or config.model.init_from, os.path.join(processor_dir, ".tokenizer"))
+    tokenizer = load_tokenizer(config.data.tokenizer or config.model.init_from, os.path.join(processor_dir, ".tokenizer"),
+                               "data.tokenizer" if config.data.tokenizer else "model.init_from")
     image_size = int(config.model.vision.image_size)
     processor = processor_for(tokenizer, image_size, processor_dir, int(config.data.max_length))
     if kind == "clip":
@@ -264,7 +265,8 @@ def build_model(config, processor_dir: str, mesh):
     if name == "scenes-clip":
         scenes_clip_tokenizer(teacher_tokenizer, vocab_size=clip.config.text_config.vocab_size)
     else:
-        load_tokenizer(name, teacher_tokenizer).save_pretrained(teacher_tokenizer)
+        load_tokenizer(name, teacher_tokenizer, "distill.teacher_tokenizer" if config.distill.teacher_tokenizer
+                       else "distill.teacher").save_pretrained(teacher_tokenizer)
     return DistillModel(student, teacher), processor
 
 

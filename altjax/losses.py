@@ -20,6 +20,7 @@ would cancel catastrophically in the scale's gradient.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -322,6 +323,20 @@ def _ring_loss(image, text, scale, bias, *, kind, axes, num, label_smoothing):
         return -jax.lax.psum(jnp.sum(rows), axes) / global_b
     rows_i2t, rows_t2i = _ring_softmax_rows(axes, num, float(label_smoothing), image, text, scale)
     return jax.lax.psum(jnp.sum(rows_i2t) + jnp.sum(rows_t2i), axes) / (2.0 * global_b)
+
+
+def chance_loss(kind: str, batch_size: int) -> float:
+    """The contrastive loss of a model that has learned nothing, for a global batch of
+    ``batch_size`` pairs: every candidate equally likely. Softmax: ``log B`` (label smoothing does
+    not change it). Sigmoid: the best constant prediction, ``p = 1/B`` for every pair, costs
+    ``-(log p + (B - 1) log(1 - p))`` per row. A loss that stays at this level has learned
+    nothing, whatever its temperature does."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    b = int(batch_size)
+    if kind == "softmax" or b == 1:
+        return math.log(b)
+    return -(math.log(1.0 / b) + (b - 1) * math.log1p(-1.0 / b))
 
 
 def contrastive_loss(image_embeds, text_embeds, *, kind, logit_scale, logit_bias=None,

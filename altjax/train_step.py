@@ -45,10 +45,13 @@ class Objective:
     ``features(model, batch)``: a pytree of per-example arrays, leading axis the batch.
     ``loss(model, features, mesh)``: ``(loss, metrics)`` for the whole batch's features; ``mesh``
     is the device mesh the features are split over (None: one device).
+    ``chance(batch_size)``: the loss of a model that has learned nothing (a contrastive loss's
+    value for uniform predictions), or None where no such level exists (a regression).
     """
 
     features: Callable[[nnx.Module, dict], Any]
     loss: Callable[[nnx.Module, Any, Optional[Mesh]], tuple[jax.Array, dict[str, jax.Array]]]
+    chance: Optional[Callable[[int], float]] = None
 
 
 def _remat(fn, policy: Optional[str]):
@@ -105,7 +108,7 @@ def contrastive_objective(features, logit_scale, *, kind: str, label_smoothing: 
             label_smoothing=label_smoothing if kind == "softmax" else 0.0, mesh=mesh, impl=impl)
         return value, {"temperature": 1.0 / scale, **({"logit_bias": bias} if kind == "sigmoid" else {})}
 
-    return Objective(features, loss)
+    return Objective(features, loss, chance=functools.partial(losses.chance_loss, kind))
 
 
 # The attribute a run of the sigmoid loss adds to the model it trains (see attach_logit_bias).

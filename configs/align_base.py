@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 10_000
     c.keep_checkpoints = 3
     c.async_checkpoints = True
+    # Warn when the loss has stayed at chance level (it has learned nothing) this many steps after
+    # warmup; 0: never.
+    c.warn_chance_steps = 2000
     c.grad_accum_steps = 1
     c.mesh = dict(data=-1, model=1)
     c.remat = True

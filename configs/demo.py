@@ -21,6 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 0
     c.keep_checkpoints = 2
     c.async_checkpoints = True
+    # Warn when the loss has stayed at chance level (it has learned nothing) this many steps after
+    # warmup; 0: never.
+    c.warn_chance_steps = 100
     c.grad_accum_steps = 1
     c.mesh = dict(data=-1, model=1)
     # Rematerialisation of each tower in the backward pass (jax.checkpoint_policies name).

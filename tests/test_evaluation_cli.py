@@ -18,6 +18,7 @@ from PIL import Image
 
 from altjax import AlignModel, AlignProcessor
 from altjax.evaluation import Embedder, evaluate_retrieval, evaluate_zeroshot, load_dataset
+from altjax.evaluation import cli
 from altjax.evaluation.cli import embed_main, eval_main, format_table
 from altjax.evaluation.templates import get_templates
 from helpers import assert_close
@@ -429,3 +430,19 @@ def test_embed_skips_and_counts_unreadable_images(align_dir, align, damaged, tmp
     lines = capsys.readouterr().err.splitlines()
     assert exit_info.value.code == 2 and lines[-1].startswith(f"altjax-embed: error: {empty}: none of the 1 images "
                                                               "can be read (the first: "), lines
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_results_and_indexes_follow_the_umask(tmp_path, umask):
+    """Colleagues on a shared filesystem read what altjax-eval and altjax-embed wrote."""
+    previous = os.umask(umask)
+    try:
+        cli.write_results(str(tmp_path / "results.json"), {"retrieval/x/en": {"t2i_r1": 1.0}})
+        cli.write_index(str(tmp_path / "index"), {"format": cli.INDEX_FORMAT}, {"image_embeds": np.zeros(2)})
+    finally:
+        os.umask(previous)
+    modes = {os.path.relpath(os.path.join(root, name), tmp_path): os.stat(os.path.join(root, name)).st_mode & 0o777
+             for root, dirs, files in os.walk(tmp_path) for name in dirs + files}
+    want = {"results.json": 0o666 & ~umask, "index": 0o777 & ~umask, "index/index.json": 0o666 & ~umask,
+            "index/image_embeds.npy": 0o666 & ~umask}
+    assert modes == want, f"umask {umask:o}: modes {({k: oct(v) for k, v in modes.items()})}"

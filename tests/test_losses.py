@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from altjax import losses
 from altjax.losses import contrastive_loss
 from altjax.sharding import make_mesh
 from tests.helpers import assert_rel_close
@@ -197,3 +198,21 @@ def test_benchmark_smoke():
     assert [(r["B"], r["impl"], r["status"]) for r in rows] == [
         (b, impl, "ok") for b in (64, 128) for impl in ("naive", "gather", "ring")], rows
     assert all(len(r["times"]) == 1 for r in rows), rows
+
+
+@pytest.mark.parametrize("batch", [2, 8, 64])
+def test_chance_loss_is_the_loss_of_a_model_that_learned_nothing(batch):
+    """Every embedding alike: the softmax loss is log B whatever the scale; the sigmoid loss with
+    the bias that predicts 1/B for every pair is the best constant prediction's."""
+    same = jnp.ones((batch, 4)) / 2.0
+    softmax = float(losses.contrastive_loss(same, same, kind="softmax", logit_scale=jnp.float32(37.0),
+                                            label_smoothing=0.1))
+    assert abs(softmax - losses.chance_loss("softmax", batch)) < 1e-5, f"B={batch}: softmax {softmax}"
+    bias = jnp.float32(np.log(1.0 / (batch - 1)))  # sigmoid(bias) = 1/B
+    sigmoid = float(losses.contrastive_loss(same, same, kind="sigmoid", logit_scale=jnp.float32(0.0),
+                                            logit_bias=bias))
+    assert abs(sigmoid - losses.chance_loss("sigmoid", batch)) < 1e-4, f"B={batch}: sigmoid {sigmoid}"
+    for p in (0.5 / batch, 1.5 / batch):  # any other constant prediction costs more
+        worse = float(losses.contrastive_loss(same, same, kind="sigmoid", logit_scale=jnp.float32(0.0),
+                                              logit_bias=jnp.float32(np.log(p / (1 - p)))))
+        assert worse > sigmoid, f"B={batch}: p={p} gives {worse} <= {sigmoid}"

@@ -170,6 +170,18 @@ def test_reference_run_writes_logs_evaluations_and_model(reference):
     assert abs(logged[TOTAL] - records[-1]["loss"]) < 1e-6, "TensorBoard loss differs from metrics.jsonl"
     assert [s for s, _ in tags["eval/retrieval/scenes/en/t2i_r1"]] == [12, 24], "evaluation steps in TensorBoard"
 
+    # Colleagues on a shared filesystem read what the run wrote: every mode is the umask's.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    wrong = []
+    for folder, dirs, files in os.walk(workdir):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            want = (0o777 if os.path.isdir(path) else 0o666) & ~umask
+            if os.stat(path).st_mode & 0o777 != want:
+                wrong.append(f"{os.path.relpath(path, workdir)} {os.stat(path).st_mode & 0o777:o} (want {want:o})")
+    assert not wrong, f"{len(wrong)} paths of the workdir have other permissions than the umask gives: {wrong[:5]}"
+
     config = json.load(open(workdir / "config.json"))
     assert config["total_steps"] == TOTAL and config["data"]["source"] == "webdataset", "config.json"
 
@@ -226,16 +238,26 @@ def test_preempted_diverged_killed_and_damaged_run_ends_like_the_uninterrupted_o
         f"SIGTERM: checkpoints {steps()} but the last logged step is {logged()[-1]}")
     preempted = steps()[-1]
 
-    # 2. Divergence: an infinite learning rate stops the resumed run at its first step, exit 1,
+    # 2. Divergence: a learning rate that overflows float32 stops the resumed run at its first step, exit 1,
     # with nothing of that step saved.
     before = steps()
-    out = finish(run_cli(workdir, data, cache, "optimizer.learning_rate=inf"), "diverging run", 1)
+    out = finish(run_cli(workdir, data, cache, "optimizer.learning_rate=1e39"), "diverging run", 1)
     assert f"step {preempted + 1}:" in out and "training diverged" in out and (
         f"last good checkpoint is {preempted} " in out), f"divergence message:\n{out}"
     assert steps() == before and logged() == list(range(1, preempted + 1)), (
         f"after divergence: checkpoints {steps()} (were {before}), logged steps end at {logged()[-1:]}")
 
-    # 3. A hard kill after a random number of steps of the resumed run.
+    # 3. Ctrl-C: like SIGTERM, the current step is saved and the run exits 130, saying so.
+    run = run_cli(workdir, data, cache)
+    wait_for(lambda: len(logged()) > preempted + 1, run, f"step {preempted + 2}")
+    run.send_signal(signal.SIGINT)
+    out = finish(run, "SIGINT", train.SIGINT_EXIT)
+    assert "SIGINT: saved step" in out and "Traceback" not in out and steps()[-1] == logged()[-1], (
+        f"SIGINT: checkpoints {steps()}, last logged step {logged()[-1]}:\n{out}")
+    assert not [d for d in os.listdir(ckpts) if "tmp" in d], f"temporary checkpoint directories left: {os.listdir(ckpts)}"
+    preempted = steps()[-1]
+
+    # 4. A hard kill after a random number of steps of the resumed run.
     kill_after = preempted + int(rng.integers(1, TOTAL - preempted - 3))
     run = run_cli(workdir, data, cache)
     wait_for(lambda: len(logged()) >= kill_after, run, f"step {kill_after}")
@@ -243,9 +265,9 @@ def test_preempted_diverged_killed_and_damaged_run_ends_like_the_uninterrupted_o
     run.kill()
     run.communicate(timeout=60)
     assert run.returncode == -signal.SIGKILL, f"the run ended ({run.returncode}) before SIGKILL at step {kill_after}"
-    killed = f"SIGTERM at step {preempted}, SIGKILL at step {logged()[-1]} (checkpoints {steps()})"
+    killed = f"SIGTERM, SIGINT at step {preempted}, SIGKILL at step {logged()[-1]} (checkpoints {steps()})"
 
-    # 4. The newest checkpoint damaged (its array files emptied, as by a full disk): the run warns,
+    # 5. The newest checkpoint damaged (its array files emptied, as by a full disk): the run warns,
     # resumes from the one before, and ends with the uninterrupted run's losses.
     damaged = steps()[-1]
     emptied = 0
@@ -262,3 +284,193 @@ def test_preempted_diverged_killed_and_damaged_run_ends_like_the_uninterrupted_o
     starts = [e.step for e in read_events(workdir) if e.session_log.status == 1]
     assert resumed and starts and starts[-1] == resumed[-1] + 1, f"SessionLog START at {starts}, resumed at {resumed}"
     assert_same_losses(workdir, reference, f"{killed}, checkpoint {damaged} damaged")
+
+
+# ----- a user's mistakes, a second run, storage failures -----
+
+def run_main(capsys, *argv):
+    """``altjax-train ARGV`` in this process: (exit status, stderr lines)."""
+    status = train.main(list(argv))
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+def tree(path):
+    """{relative path: bytes} of every file under ``path``."""
+    out = {}
+    for folder, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(folder, name)
+            out[os.path.relpath(full, path)] = open(full, "rb").read()
+    return out
+
+
+def assert_one_error_line(status, lines, *words, code=2):
+    assert status == code and len(lines) == 1 and lines[0].startswith("altjax-train: error: "), (
+        f"exit status {status} (expected {code}), stderr:\n" + "\n".join(lines))
+    for word in words:
+        assert word in lines[0], f"{word!r} missing from {lines[0]!r}"
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--config.batch_size=12"], ["batch_size: 12 is not a multiple of the 8 data-parallel devices"]),
+    (["--config.optimizer.name=adam"], ["optimizer.name: unknown 'adam'"]),
+    (["--config.loss.kind=sigmod"], ["loss.kind: unknown 'sigmod'"]),
+    (["--config.total_steps=-5"], ["total_steps: must be at least 1"]),
+    (["--config.data.source=webdataset", "--config.data.files=/no/such/shard-*.tar"], ["data.files: no file matches"]),
+    (["--config.model.init_from=/no/such/model"], ["model.init_from: /no/such/model is not a directory"]),
+    (["--config.total_steps", "abc"], ["--config.total_steps=abc: expected an integer"]),
+    (["--config.data.tokenizer=TOKENIZER"], ["data.tokenizer: ", "holds no tokenizer"]),
+])
+def test_a_mistake_costs_one_line_and_writes_nothing(tmp_path, capsys, extra, words):
+    (tmp_path / "empty").mkdir()
+    extra = [e.replace("TOKENIZER", str(tmp_path / "empty")) for e in extra]
+    workdir = tmp_path / "run"
+    status, lines = run_main(capsys, "--config", DEMO, "--workdir", str(workdir), *extra)
+    assert_one_error_line(status, lines, *words)
+    assert not workdir.exists(), f"the refused run left {sorted(tree(workdir))}"
+
+
+def test_a_workdir_that_is_a_file_or_foreign_is_refused(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    status, lines = run_main(capsys, "--config", DEMO, "--workdir", str(tmp_path / "notes.txt"))
+    assert_one_error_line(status, lines, "is a file, not a directory")
+    status, lines = run_main(capsys, "--config", DEMO, "--workdir", str(tmp_path))
+    assert_one_error_line(status, lines, "holds files altjax did not write (notes.txt)")
+    assert tree(tmp_path) == {"notes.txt": b"mine"}
+
+
+def test_a_refused_resume_leaves_every_file_as_it_was(reference, data, tmp_path, capsys):
+    workdir = tmp_path / "finished"
+    shutil.copytree(reference, workdir)
+    before = tree(workdir)
+    status, lines = run_main(capsys, "--config", DEMO, "--workdir", str(workdir),
+                             *[f"--config.{o}" for o in overrides(data, "batch_size=16", "optimizer.name=adamw")])
+    assert_one_error_line(status, lines, "batch_size: 8 -> 16", 'optimizer.name: "lamb" -> "adamw"',
+                          f"resume with the config in {workdir}/config.json")
+    after = tree(workdir)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"the refused resume changed {changed}"
+
+
+def test_a_second_run_on_a_workdir_is_refused_naming_the_first(reference, data, tmp_path, capsys):
+    workdir = tmp_path / "busy"
+    shutil.copytree(reference, workdir)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from altjax import workdir; lock = workdir.RunLock(sys.argv[1]); lock.acquire(); "
+        "lock.record(); print('locked', flush=True); time.sleep(60)"), str(workdir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = tree(workdir)
+        start = time.monotonic()
+        status, lines = run_main(capsys, "--config", DEMO, "--workdir", str(workdir),
+                                 *[f"--config.{o}" for o in overrides(data)])
+        assert time.monotonic() - start < 10, "the second run took more than seconds to give up"
+        assert_one_error_line(status, lines, "another run is training in it", f"pid {holder.pid}")
+        assert tree(workdir) == before, "the refused run changed the workdir"
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def test_a_failed_background_save_stops_the_run_at_the_next_step(data, tmp_path, tmp_path_factory):
+    """The save of step 8 fails in orbax's background thread (no space left): the run stops within a
+    step with one line naming the step, the cause and the last good checkpoint. The loss of this run
+    is held at chance (learning rate 0), which the trainer must say after 3 steps."""
+    workdir = tmp_path / "full"
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "faulty_storage.py"), "full:8", "--config", DEMO,
+           "--workdir", str(workdir)]
+    cmd += [f"--config.{o}" for o in overrides(data, "optimizer.learning_rate=0.0", "optimizer.warmup_steps=0",
+                                               "warn_chance_steps=3")]
+    out = subprocess.run(cmd, env=cli_env(jax_cache(tmp_path_factory)), capture_output=True, text=True, timeout=300)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("altjax-train: error: ")]
+    assert out.returncode == 1 and len(errors) == 1, f"exit status {out.returncode}, error lines {errors}\n{out.stderr}"
+    assert "Traceback" not in out.stderr and "ERROR" not in out.stderr, out.stderr
+    assert errors[0].startswith("altjax-train: error: saving the checkpoint of step 8 failed (OSError: [Errno 28] "
+                                "No space left on device") and "the last good checkpoint is 4" in errors[0], errors[0]
+    logged = [r["step"] for r in train.read_metrics(str(workdir))]
+    assert 8 <= logged[-1] <= 10, f"the run went on to step {logged[-1]} after the save of step 8 failed"
+    warned = [line for line in out.stderr.splitlines() if "stayed at chance level" in line]
+    assert len(warned) == 1 and "step 3:" in warned[0], f"chance warnings: {warned}"
+
+
+def test_a_second_ctrl_c_exits_at_once_without_temporary_checkpoints(data, tmp_path, tmp_path_factory):
+    """Every save stalls for a minute; Ctrl-C asks for a checkpoint, a second Ctrl-C while the save
+    is being written exits at once and removes its temporary directory."""
+    workdir = tmp_path / "stuck"
+    ckpts = workdir / "checkpoints"
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "faulty_storage.py"), "slow:60", "--config", DEMO,
+           "--workdir", str(workdir)]
+    cmd += [f"--config.{o}" for o in overrides(data)]
+    run = subprocess.Popen(cmd, env=cli_env(jax_cache(tmp_path_factory)), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while not (ckpts.is_dir() and [d for d in os.listdir(ckpts) if "tmp" in d]):
+        assert run.poll() is None, f"the run ended ({run.returncode}): {run.stdout.read()}"
+        assert time.time() < deadline, "no save started"
+        time.sleep(0.01)
+    run.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    run.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    out = finish(run, "second SIGINT", train.SIGINT_EXIT)
+    assert time.monotonic() - start < 10, "the second Ctrl-C did not exit at once"
+    assert "SIGINT again: exiting without saving" in out and "Traceback" not in out, out
+    assert not [d for d in os.listdir(ckpts) if "tmp" in d], f"left behind: {os.listdir(ckpts)}"
+
+
+def test_logs_keep_one_record_per_step_on_resume(tmp_path):
+    log = train.MetricsLog(str(tmp_path / "metrics.jsonl"), True)
+    lines = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 1, 2, 3, 4)] + [{"step": 2, "loss": -2.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 5, "lo')
+    log.truncate(3)
+    records = train.read_metrics(str(tmp_path))
+    assert records == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": -2.0}, {"step": 3, "loss": 3.0}], records
+
+
+def test_every_process_of_a_refused_run_stops_with_the_same_line(reference, data, tmp_path):
+    """Two processes (jax.distributed on localhost): process 0 finds the workdir locked by another
+    run; both exit with status 2 and process 0's line, neither waits for the other in a collective."""
+    import socket
+
+    workdir = tmp_path / "busy"
+    shutil.copytree(reference, workdir)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from altjax import workdir; lock = workdir.RunLock(sys.argv[1]); lock.acquire(); "
+        "lock.record(); print('locked', flush=True); time.sleep(120)"), str(workdir)], stdout=subprocess.PIPE, text=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "altjax.train", "--distributed", "--coordinator-address", f"127.0.0.1:{port}",
+             "--num-processes", "2", "--process-id", str(i), "--config", DEMO, "--workdir", str(workdir),
+             *[f"--config.{o}" for o in overrides(data)]],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        outs = []
+        for p in procs:
+            try:
+                outs.append(p.communicate(timeout=120)[0])
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                raise AssertionError("a process of the refused run did not exit within 120 s")
+        for i, (p, out) in enumerate(zip(procs, outs)):
+            errors = [line for line in out.splitlines() if line.startswith("altjax-train: error: ")]
+            assert p.returncode == 2 and len(errors) == 1 and f"pid {holder.pid}" in errors[0], (
+                f"process {i}: exit status {p.returncode}\n{out}")
+            assert "Traceback" not in out, f"process {i}:\n{out}"
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def test_the_chance_watch_warns_once_after_patience_steps_at_chance_past_warmup():
+    watch = train.ChanceWatch(chance=2.0, patience=3, warmup=2)
+    losses_ = [2.1, 2.1, 2.0, 1.5, 2.0, 1.99, 2.3, 2.0, 2.0, 2.0]
+    warnings = {step: watch.update(step, loss) for step, loss in enumerate(losses_, start=1)}
+    fired = {step: w for step, w in warnings.items() if w}
+    assert list(fired) == [7] and "since step 5" in fired[7], f"warnings at {fired}"
+    assert not any(train.ChanceWatch(None, 3, 0).update(s, 9.0) for s in range(1, 10)), "no chance level: no warning"
+    assert not any(train.ChanceWatch(2.0, 0, 0).update(s, 9.0) for s in range(1, 10)), "patience 0: no warning"

@@ -31,6 +31,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from altjax import fsutil
+
 INDEX_FILE = "index.json"
 IMAGE_EMBEDS_FILE = "image_embeds.npy"
 TEXT_EMBEDS_FILE = "text_embeds.npy"
@@ -141,7 +143,7 @@ def write_results(path: str, results: dict[str, dict[str, float]]) -> dict[str, 
     merged = {**read_results(path), **results}
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    fd, tmp = fsutil.make_temp_file(directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(merged, f, indent=2, sort_keys=True)
@@ -262,7 +264,7 @@ def write_index(out: str, index: dict[str, Any], arrays: dict[str, np.ndarray], 
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
+    tmp = fsutil.make_temp_dir(parent, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
     old = None
     try:
         for name, array in arrays.items():
