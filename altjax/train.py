@@ -79,7 +79,8 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     """``get_config()`` of the Python file ``path`` with ``key=value`` overrides applied; raises
     ConfigError for a file that does not give a config or an override that does not fit it."""
     if not os.path.isfile(path):
-        raise config_checks.ConfigError(f"--config {path}: no such file; give a Python file with get_config() "
+        what = "is a directory" if os.path.isdir(path) else "no such file"
+        raise config_checks.ConfigError(f"--config {path}: {what}; give a Python file with get_config() "
                                         f"(e.g. {os.path.join(CONFIGS_DIR, 'demo.py')})")
     spec = importlib.util.spec_from_file_location(f"altjax_config_{abs(hash(path))}", path)
     try:
