@@ -115,7 +115,7 @@ def test_defaults_without_mask_and_token_types_match():
         ref = tm(input_ids=torch.tensor(ids), output_hidden_states=True)
     model = convert(tm, cfg)
     compare_outputs(jitted(model)({"input_ids": ids}), ref, "no mask, no token types")
-    with pytest.raises(ValueError, match="sequence length 41 exceeds max_position_embeddings 40"):
+    with pytest.raises(ValueError, match="Bert: input_ids has sequence length 41 but max_position_embeddings is 40"):
         model(np.ones((1, 41), np.int32))
 
 

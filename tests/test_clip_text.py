@@ -192,7 +192,7 @@ def test_sequences_at_the_position_limit(name):
     compare(jitted(model, output_hidden_states=True)(inputs), jitted(model, "get_text_features")(inputs), ref,
             f"{name} at {cfg.max_position_embeddings} tokens")
     too_long = text_inputs(cfg, batch=1, length=cfg.max_position_embeddings + 1, seed=7)
-    with pytest.raises(ValueError, match="Sequence length must be less than max_position_embeddings"):
+    with pytest.raises(ValueError, match=rf"input_ids has sequence length {cfg.max_position_embeddings + 1} but max_position_embeddings is {cfg.max_position_embeddings}"):
         model(**{k: jnp.asarray(v) for k, v in too_long.items()})
 
 

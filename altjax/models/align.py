@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from altjax import losses
-from altjax.models import layers
+from altjax.models import inputs, layers
 from altjax.models.bert import Bert, BertConfig
 from altjax.models.configuration import config_from_hf, config_to_hf
 from altjax.models.efficientnet import EfficientNet, EfficientNetConfig, round_filters
@@ -147,8 +147,15 @@ class AlignModel(nnx.Module):
         )
         self.temperature = nnx.Param(jnp.asarray(config.temperature_init_value, dtype=jnp.float32))
 
+    def _check_text(self, input_ids, attention_mask, token_type_ids, position_ids):
+        inputs.check_text(type(self).__name__, self.config.text_config, input_ids, attention_mask, token_type_ids,
+                          position_ids)
+
+    def _check_pixels(self, pixel_values):
+        inputs.check_pixels(type(self).__name__, pixel_values, self.config.vision_config.num_channels, nchw=True)
+
     def _text(self, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states=False):
-        out = self.text_model(
+        out = self.text_model.forward(
             input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
@@ -158,7 +165,7 @@ class AlignModel(nnx.Module):
         return out, self.text_projection(out.last_hidden_state[:, 0, :]).astype(jnp.float32)
 
     def _vision(self, pixel_values, output_hidden_states=False) -> TowerOutput:
-        return self.vision_model(
+        return self.vision_model.forward(
             layers.to_nhwc(pixel_values, self.config.vision_config.num_channels), output_hidden_states=output_hidden_states
         )
 
@@ -174,6 +181,7 @@ class AlignModel(nnx.Module):
         Unlike transformers, which returns the text model's output object with these features in
         ``pooler_output``, this returns the array itself.
         """
+        self._check_text(input_ids, attention_mask, token_type_ids, position_ids)
         return self._text(input_ids, attention_mask, token_type_ids, position_ids)[1]
 
     def get_image_features(self, pixel_values: jax.Array) -> jax.Array:
@@ -182,6 +190,7 @@ class AlignModel(nnx.Module):
         ``pixel_values`` are NHWC (B, H, W, 3); NCHW (B, 3, H, W) is also accepted (see ``__call__``).
         Unlike transformers, which returns the vision model's output object, this returns the array.
         """
+        self._check_pixels(pixel_values)
         return self._vision(pixel_values).pooler_output
 
     def __call__(
@@ -196,6 +205,12 @@ class AlignModel(nnx.Module):
     ) -> DualEncoderOutput:
         """Embeds texts and images and scores every pair.
 
+        The arguments are checked first (``altjax.models.inputs``), here and in
+        ``get_text_features`` / ``get_image_features``: a wrong rank, dtype, shape or channel count,
+        and, when called eagerly, a token id outside the vocabulary or a position beyond
+        ``max_position_embeddings``, raise ``ValueError`` naming the argument. Under ``jax.jit`` only
+        the shape and dtype checks run (the value checks are skipped; the compiled step is unchanged).
+
         ``pixel_values`` are NHWC (B, H, W, C) as altjax processors produce them; an NCHW array
         (B, C, H, W), as HF processors produce, is transposed when its last dimension is not C and
         its second is. ``vision_model_output.last_hidden_state`` is NHWC.
@@ -204,8 +219,9 @@ class AlignModel(nnx.Module):
         ``text_embeds @ image_embeds.T / temperature`` and ``logits_per_image``, its transpose; with
         ``return_loss``, the ALIGN loss (texts and images paired by index).
         """
-        if input_ids is None or pixel_values is None:
-            raise ValueError("AlignModel needs both input_ids and pixel_values")
+        inputs.check_pairs(type(self).__name__, input_ids, pixel_values, return_loss)
+        self._check_pixels(pixel_values)
+        self._check_text(input_ids, attention_mask, token_type_ids, position_ids)
         vision_out = self._vision(pixel_values, output_hidden_states)
         text_out, text_features = self._text(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         image_embeds = layers.l2_normalize(vision_out.pooler_output.astype(jnp.float32))

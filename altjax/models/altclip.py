@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from altjax.models import heads, layers
+from altjax.models import heads, inputs, layers
 from altjax.models.configuration import config_to_hf, dual_encoder_config_from_hf
 from altjax.models.outputs import DualEncoderOutput
 from altjax.models.vit import CLIPVision, CLIPVisionConfig
@@ -137,8 +137,17 @@ class AltCLIPModel(nnx.Module):
         )
         self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, dtype=jnp.float32))
 
+    def _check_text(self, input_ids, attention_mask, token_type_ids, position_ids):
+        inputs.check_text(type(self).__name__, self.config.text_config, input_ids, attention_mask, token_type_ids,
+                          position_ids, roberta_positions=True)
+
+    def _check_pixels(self, pixel_values, interpolate_pos_encoding):
+        vision = self.config.vision_config
+        inputs.check_pixels(type(self).__name__, pixel_values, vision.num_channels, nchw=True,
+                            image_size=None if interpolate_pos_encoding else vision.image_size)
+
     def _text(self, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states=False):
-        out = self.text_model(
+        out = self.text_model.forward(
             input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
@@ -148,7 +157,7 @@ class AltCLIPModel(nnx.Module):
         return out, self.text_projection(out.pooler_output)
 
     def _vision(self, pixel_values, interpolate_pos_encoding=False, output_hidden_states=False):
-        out = self.vision_model(
+        out = self.vision_model.forward(
             layers.to_nhwc(pixel_values, self.config.vision_config.num_channels),
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_hidden_states=output_hidden_states,
@@ -168,6 +177,7 @@ class AltCLIPModel(nnx.Module):
         Unlike transformers, which returns the text model's output object with these features in
         ``pooler_output``, this returns the array itself.
         """
+        self._check_text(input_ids, attention_mask, token_type_ids, position_ids)
         return self._text(input_ids, attention_mask, token_type_ids, position_ids)[1]
 
     def get_image_features(self, pixel_values: jax.Array, interpolate_pos_encoding: bool = False) -> jax.Array:
@@ -176,6 +186,7 @@ class AltCLIPModel(nnx.Module):
         ``pixel_values`` are NHWC (B, H, W, 3); NCHW (B, 3, H, W) is also accepted (see ``__call__``).
         Unlike transformers, which returns the vision model's output object, this returns the array.
         """
+        self._check_pixels(pixel_values, interpolate_pos_encoding)
         return self._vision(pixel_values, interpolate_pos_encoding)[1]
 
     def __call__(
@@ -191,6 +202,12 @@ class AltCLIPModel(nnx.Module):
     ) -> DualEncoderOutput:
         """Embeds texts and images and scores every pair.
 
+        The arguments are checked first (``altjax.models.inputs``), here and in
+        ``get_text_features`` / ``get_image_features``: a wrong rank, dtype, shape or channel count,
+        and, when called eagerly, a token id outside the vocabulary or a position beyond
+        ``max_position_embeddings``, raise ``ValueError`` naming the argument. Under ``jax.jit`` only
+        the shape and dtype checks run (the value checks are skipped; the compiled step is unchanged).
+
         ``pixel_values`` are NHWC (B, H, W, C) as altjax processors produce them; an NCHW array
         (B, C, H, W), as HF processors produce, is transposed when its last dimension is not C and
         its second is. Images of another size than ``image_size`` need
@@ -203,8 +220,9 @@ class AltCLIPModel(nnx.Module):
         index). ``text_model_output.last_hidden_state`` is the transformed sequence (B, L,
         project_dim); ``vision_model_output.last_hidden_state`` is (B, N+1, D), not post-normed.
         """
-        if input_ids is None or pixel_values is None:
-            raise ValueError("AltCLIPModel needs both input_ids and pixel_values")
+        inputs.check_pairs(type(self).__name__, input_ids, pixel_values, return_loss)
+        self._check_pixels(pixel_values, interpolate_pos_encoding)
+        self._check_text(input_ids, attention_mask, token_type_ids, position_ids)
         vision_out, image_features = self._vision(pixel_values, interpolate_pos_encoding, output_hidden_states)
         text_out, text_features = self._text(
             input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from altjax.models import layers
+from altjax.models import inputs, layers
 from altjax.models.configuration import config_from_hf, config_to_hf
 from altjax.models.outputs import TowerOutput
 
@@ -183,15 +183,18 @@ class Bert(nnx.Module):
         everything. ``position_ids`` default to ``arange(L)`` and ``token_type_ids`` to zeros.
         Returns ``last_hidden_state`` (B, L, D) and ``pooler_output`` (B, D), the tanh pooler on
         token 0; ``hidden_states`` (the embedding output and every layer's output) on request.
+        Arguments are checked by ``altjax.models.inputs.check_text`` (ids within the vocabulary
+        when called eagerly; ranks, dtypes and shapes always); a mistake raises ``ValueError``.
         """
+        inputs.check_text(type(self).__name__, self.config, input_ids, attention_mask, token_type_ids, position_ids)
+        return self.forward(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                output_hidden_states=False) -> TowerOutput:
+        """``__call__`` without the argument checks, for models that checked them at their own boundary."""
         input_ids = jnp.asarray(input_ids)
         b, length = input_ids.shape
         if position_ids is None:
-            # An out-of-range lookup would silently give NaN rows (jnp.take fills); PyTorch raises.
-            if length > self.config.max_position_embeddings:
-                raise ValueError(
-                    f"sequence length {length} exceeds max_position_embeddings {self.config.max_position_embeddings}"
-                )
             position_ids = jnp.arange(length, dtype=jnp.int32)[None, :]
         if token_type_ids is None:
             token_type_ids = jnp.zeros((b, length), dtype=jnp.int32)

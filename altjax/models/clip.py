@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from altjax.models import heads, layers
+from altjax.models import heads, inputs, layers
 from altjax.models.clip_text import CLIPText, CLIPTextConfig, CLIPTextTeacher
 from altjax.models.configuration import config_to_hf, dual_encoder_config_from_hf
 from altjax.models.outputs import DualEncoderOutput
@@ -141,8 +141,16 @@ class CLIPModel(nnx.Module):
         )
         self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, dtype=jnp.float32))
 
+    def _check_text(self, input_ids, attention_mask, position_ids):
+        inputs.check_text(type(self).__name__, self.config.text_config, input_ids, attention_mask, None, position_ids)
+
+    def _check_pixels(self, pixel_values, interpolate_pos_encoding):
+        vision = self.config.vision_config
+        inputs.check_pixels(type(self).__name__, pixel_values, vision.num_channels, nchw=True,
+                            image_size=None if interpolate_pos_encoding else vision.image_size)
+
     def _text(self, input_ids, attention_mask, position_ids, output_hidden_states=False):
-        out = self.text_model(
+        out = self.text_model.forward(
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -151,7 +159,7 @@ class CLIPModel(nnx.Module):
         return out, self.text_projection(out.pooler_output)
 
     def _vision(self, pixel_values, interpolate_pos_encoding=False, output_hidden_states=False):
-        out = self.vision_model(
+        out = self.vision_model.forward(
             layers.to_nhwc(pixel_values, self.config.vision_config.num_channels),
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_hidden_states=output_hidden_states,
@@ -171,6 +179,7 @@ class CLIPModel(nnx.Module):
         ``pooler_output``, this returns the array itself. The argument order is transformers'
         (``position_ids`` third; CLIP has no token types).
         """
+        self._check_text(input_ids, attention_mask, position_ids)
         return self._text(input_ids, attention_mask, position_ids)[1]
 
     def get_image_features(self, pixel_values: jax.Array, interpolate_pos_encoding: bool = False) -> jax.Array:
@@ -179,6 +188,7 @@ class CLIPModel(nnx.Module):
         ``pixel_values`` are NHWC (B, H, W, 3); NCHW (B, 3, H, W) is also accepted (see ``__call__``).
         Unlike transformers, which returns the vision model's output object, this returns the array.
         """
+        self._check_pixels(pixel_values, interpolate_pos_encoding)
         return self._vision(pixel_values, interpolate_pos_encoding)[1]
 
     def __call__(
@@ -192,6 +202,12 @@ class CLIPModel(nnx.Module):
         output_hidden_states: bool = False,
     ) -> DualEncoderOutput:
         """Embeds texts and images and scores every pair.
+
+        The arguments are checked first (``altjax.models.inputs``), here and in
+        ``get_text_features`` / ``get_image_features``: a wrong rank, dtype, shape or channel count,
+        and, when called eagerly, a token id outside the vocabulary or a position beyond
+        ``max_position_embeddings``, raise ``ValueError`` naming the argument. Under ``jax.jit`` only
+        the shape and dtype checks run (the value checks are skipped; the compiled step is unchanged).
 
         ``pixel_values`` are NHWC (B, H, W, C) as altjax processors produce them; an NCHW array
         (B, C, H, W), as HF processors produce, is transposed when its last dimension is not C and
@@ -207,8 +223,9 @@ class CLIPModel(nnx.Module):
         transformers 5, both towers' ``pooler_output`` are the unnormalised projected features
         (``get_text_features`` / ``get_image_features``), not the towers' pooled states.
         """
-        if input_ids is None or pixel_values is None:
-            raise ValueError("CLIPModel needs both input_ids and pixel_values")
+        inputs.check_pairs(type(self).__name__, input_ids, pixel_values, return_loss)
+        self._check_pixels(pixel_values, interpolate_pos_encoding)
+        self._check_text(input_ids, attention_mask, position_ids)
         vision_out, image_features = self._vision(pixel_values, interpolate_pos_encoding, output_hidden_states)
         text_out, text_features = self._text(input_ids, attention_mask, position_ids, output_hidden_states)
         # transformers 5's CLIPModel.forward reuses get_*_features' outputs, whose pooler_output is

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from altjax.models import layers
+from altjax.models import inputs, layers
 from altjax.models.configuration import config_from_hf, config_to_hf
 from altjax.models.outputs import TowerOutput
 from altjax.models.vit import CLIPEncoder
@@ -134,15 +134,17 @@ class CLIPText(nnx.Module):
 
         Returns ``last_hidden_state`` (B, L, D) after ``final_layer_norm``, ``pooler_output`` (B, D)
         its row at the end-of-text token (see ``eos_positions``), and on request ``hidden_states``
-        (the embeddings and every layer's output, before ``final_layer_norm``).
+        (the embeddings and every layer's output, before ``final_layer_norm``). Arguments are
+        checked by ``altjax.models.inputs.check_text`` (ids within the vocabulary when called
+        eagerly; ranks, dtypes, shapes and the length always); a mistake raises ``ValueError``.
         """
+        inputs.check_text(type(self).__name__, self.config, input_ids, attention_mask, None, position_ids)
+        return self.forward(input_ids, attention_mask, position_ids, output_hidden_states)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, output_hidden_states=False) -> TowerOutput:
+        """``__call__`` without the argument checks, for models that checked them at their own boundary."""
         input_ids = jnp.asarray(input_ids)
         length = input_ids.shape[-1]
-        if length > self.config.max_position_embeddings:
-            raise ValueError(
-                f"Sequence length must be less than max_position_embeddings (got `sequence length`: "
-                f"{length} and max_position_embeddings: {self.config.max_position_embeddings}"
-            )
         if position_ids is None:
             position_ids = jnp.arange(length, dtype=jnp.int32)[None, :]
         mask = None if attention_mask is None else (jnp.asarray(attention_mask) != 0)[:, None, None, :]
@@ -185,8 +187,9 @@ class CLIPTextTeacher(nnx.Module):
         position_ids: Optional[jax.Array] = None,
         output_hidden_states: bool = False,
     ) -> TowerOutput:
-        """The text tower's output (``CLIPText.__call__``); ``pooler_output`` is not projected."""
-        return self.text_model(input_ids, attention_mask, position_ids, output_hidden_states)
+        """The text tower's output (``CLIPText.__call__``, with its checks); ``pooler_output`` is not projected."""
+        inputs.check_text(type(self).__name__, self.config, input_ids, attention_mask, None, position_ids)
+        return self.text_model.forward(input_ids, attention_mask, position_ids, output_hidden_states)
 
     def get_text_features(
         self,
@@ -197,9 +200,10 @@ class CLIPTextTeacher(nnx.Module):
         """``text_projection(pooler_output)``, (B, projection_dim), unnormalised: the distillation target.
 
         The same as transformers' ``CLIPModel.get_text_features(...).pooler_output`` and
-        ``CLIPTextModelWithProjection(...).text_embeds``.
+        ``CLIPTextModelWithProjection(...).text_embeds``. Arguments are checked as ``__call__`` checks them.
         """
-        return self.text_projection(self.text_model(input_ids, attention_mask, position_ids).pooler_output)
+        inputs.check_text(type(self).__name__, self.config, input_ids, attention_mask, None, position_ids)
+        return self.text_projection(self.text_model.forward(input_ids, attention_mask, position_ids).pooler_output)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, seed: int = 0) -> "CLIPTextTeacher":

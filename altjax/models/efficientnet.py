@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from altjax.models import layers
+from altjax.models import inputs, layers
 from altjax.models.configuration import config_from_hf, config_to_hf
 from altjax.models.outputs import TowerOutput
 
@@ -680,8 +680,15 @@ class EfficientNet(nnx.Module):
         Returns ``last_hidden_state``, the last block's output (B, h, w, C) NHWC, ``pooler_output``
         (B, C) in float32, its global spatial mean (max for ``pooling_type="max"``; the reference's
         pooling window always covers the whole map), and with ``output_hidden_states`` the stem
-        output followed by every block's output, as transformers returns them.
+        output followed by every block's output, as transformers returns them. Arguments are
+        checked by ``altjax.models.inputs.check_pixels`` (rank, channels, floating dtype); a
+        mistake raises ``ValueError``.
         """
+        inputs.check_pixels(type(self).__name__, pixel_values, self.config.num_channels, nchw=False)
+        return self.forward(pixel_values, output_hidden_states)
+
+    def forward(self, pixel_values: jax.Array, output_hidden_states: bool = False) -> TowerOutput:
+        """``__call__`` without the argument checks, for models that checked them at their own boundary."""
         x = self.embeddings(jnp.asarray(pixel_values, self.dtype))
         hidden_states = [x]
         for block in self.encoder.blocks:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from altjax.models import layers
+from altjax.models import inputs, layers
 from altjax.models.configuration import config_from_hf, config_to_hf
 from altjax.models.outputs import TowerOutput
 
@@ -326,8 +326,17 @@ class CLIPVision(nnx.Module):
         ``interpolate_pos_encoding`` is set, which resizes the position grid as the reference does.
         Returns ``last_hidden_state`` (B, 1 + patches, D), not post-normed; ``pooler_output``
         (B, D) = ``post_layernorm`` of the class token; on request ``hidden_states`` (the
-        pre-normed embeddings and every layer's output).
+        pre-normed embeddings and every layer's output). Arguments are checked by
+        ``altjax.models.inputs.check_pixels`` (rank, channels, floating dtype, size); a mistake
+        raises ``ValueError``.
         """
+        c = self.config
+        inputs.check_pixels(type(self).__name__, pixel_values, c.num_channels, nchw=False,
+                            image_size=None if interpolate_pos_encoding else c.image_size)
+        return self.forward(pixel_values, interpolate_pos_encoding, output_hidden_states)
+
+    def forward(self, pixel_values, interpolate_pos_encoding=False, output_hidden_states=False) -> TowerOutput:
+        """``__call__`` without the argument checks, for models that checked them at their own boundary."""
         h = self.embeddings(jnp.asarray(pixel_values), interpolate_pos_encoding)
         h, hidden_states = self.encoder(self.pre_layrnorm(h))
         return TowerOutput(

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from altjax.models import layers
+from altjax.models import inputs, layers
 from altjax.models.bert import BertEmbeddings, BertLayer
 from altjax.models.configuration import config_from_hf, config_to_hf
 from altjax.models.outputs import TowerOutput
@@ -138,8 +138,17 @@ class XLMRoberta(nnx.Module):
         mask from ``pad_token_id``). ``position_ids`` default to ``create_position_ids(input_ids)``
         and ``token_type_ids`` to zeros. Returns ``last_hidden_state`` (B, L, D),
         ``pooler_output=None`` (there is no pooler), and on request ``hidden_states`` (the embedding
-        output and every layer's output).
+        output and every layer's output). Arguments are checked by
+        ``altjax.models.inputs.check_text`` (ids and counted positions within their tables when
+        called eagerly; ranks, dtypes and shapes always); a mistake raises ``ValueError``.
         """
+        inputs.check_text(type(self).__name__, self.config, input_ids, attention_mask, token_type_ids, position_ids,
+                          roberta_positions=True)
+        return self.forward(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                output_hidden_states=False) -> TowerOutput:
+        """``__call__`` without the argument checks, for models that checked them at their own boundary."""
         input_ids = jnp.asarray(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros(input_ids.shape, dtype=jnp.int32)
@@ -184,8 +193,16 @@ class AltCLIPText(nnx.Module):
 
         Returns ``last_hidden_state = transformation(pre_LN(h))`` (B, L, project_dim),
         ``pooler_output`` its token 0 (B, project_dim), and on request the encoder's
-        ``hidden_states`` (before ``pre_LN``), as the reference does.
+        ``hidden_states`` (before ``pre_LN``), as the reference does. Arguments are checked as
+        ``XLMRoberta.__call__`` checks them.
         """
-        out = self.roberta(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        inputs.check_text(type(self).__name__, self.config, input_ids, attention_mask, token_type_ids, position_ids,
+                          roberta_positions=True)
+        return self.forward(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                output_hidden_states=False) -> TowerOutput:
+        """``__call__`` without the argument checks, for models that checked them at their own boundary."""
+        out = self.roberta.forward(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         projected = self.transformation(self.pre_LN(out.last_hidden_state))
         return TowerOutput(last_hidden_state=projected, pooler_output=projected[:, 0], hidden_states=out.hidden_states)
