@@ -183,15 +183,21 @@ class Checkpointer:
         except OSError:
             return []
 
-    def remove_temporary(self) -> None:
-        """Deletes the temporary directories of saves that will not finish (the process is exiting)."""
-        try:
-            names = os.listdir(self.directory)
-        except OSError:
-            return
-        for name in names:
-            if TMP_MARKER in name:
+    def remove_temporary(self, *, settle_s: float = 2.0) -> None:
+        """Deletes the temporary directories of saves that will not finish (the process is about to
+        exit). A save's writer threads may still be creating files (and their directories) while
+        this runs, so it deletes until nothing has reappeared for a few checks, for at most
+        ``settle_s`` seconds."""
+        deadline, quiet = time.monotonic() + settle_s, 0
+        while quiet < 3 and time.monotonic() < deadline:
+            try:
+                names = [n for n in os.listdir(self.directory) if TMP_MARKER in n]
+            except OSError:
+                return
+            for name in names:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            quiet = 0 if names else quiet + 1
+            time.sleep(0.05)
 
     def restore_latest(self) -> Optional[tuple[int, Any, list[dict[str, Any]]]]:
         """``(step, state, data_states)`` of the newest checkpoint that restores, or None when there

@@ -580,10 +580,13 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
                      "to exit at once without saving)")
 
         def abandon(signum: int) -> None:
-            checkpointer.remove_temporary()
             steps = checkpointer.steps()
             _console(f"{signal.Signals(signum).name} again: exiting without saving; the last checkpoint is "
                      f"{steps[-1] if steps else 'none'} in {checkpointer.directory}")
+            # Orbax's writer threads fail noisily as their directory disappears under them; the
+            # process is ending, so what they print would only bury the line above.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+            checkpointer.remove_temporary()
 
         chance = objective.chance(batch_size) if objective.chance is not None else None
         chance_watch = ChanceWatch(chance, int(config.get("warn_chance_steps", 0)),
