@@ -254,10 +254,8 @@ def _check_data(c: _Checker, kind: str) -> None:
     source = c.choice("data.source", SOURCES[kind])
     init_from = c.get("model.init_from", "")
     tokenizer = c.string("data.tokenizer")
-    if tokenizer is not None:
-        if tokenizer in BUILT_TOKENIZERS[kind]:
-            pass
-        elif not tokenizer:
+    if tokenizer is not None and tokenizer not in BUILT_TOKENIZERS[kind]:
+        if not tokenizer:
             if not init_from:
                 c.fail("data.tokenizer", "empty and model.init_from is empty: give "
                        f"{' or '.join(repr(t) for t in BUILT_TOKENIZERS[kind])} or a tokenizer directory")

@@ -327,7 +327,6 @@ class MetricsLog:
                 except json.JSONDecodeError:
                     continue
                 if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-                    kept.pop(record["step"], None)
                     kept[record["step"]] = json.dumps(record)
         workdirs.write_text_atomic(self.path, "".join(kept[s] + "\n" for s in sorted(kept)))
 
