@@ -28,8 +28,11 @@ from jax.experimental import multihost_utils
 from altjax.sharding import path_to_str
 
 log = logging.getLogger("altjax.train")
-# Orbax names a step directory being written "<step>.orbax-checkpoint-tmp-<timestamp>".
+# Orbax names a step directory being written "<step>.orbax-checkpoint-tmp".
 TMP_MARKER = ".orbax-checkpoint-tmp"
+# Prefix of a temporary directory an interrupted process moved aside (Checkpointer.remove_temporary)
+# but could not delete in time; the next run on the workdir deletes it.
+ABANDONED = ".abandoned-"
 
 
 class NoUsableCheckpoint(RuntimeError):
@@ -109,6 +112,45 @@ class _Layout:
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
+def remove_temporary(directory: str) -> None:
+    """Deletes the temporary checkpoint directories in ``directory`` of saves that will not finish:
+    the last thing a process does before it exits. Orbax's writer threads go on creating files,
+    and with them their parent directories, until the process ends, so a directory deleted under
+    them comes back. Each one is therefore moved aside and replaced by an empty file of the same
+    name, which no writer can turn back into a directory; the files go last, moments before the
+    exit."""
+    placeholders, aside = [], []
+    for attempt in range(100):
+        try:
+            names = [n for n in os.listdir(directory)
+                     if TMP_MARKER in n and os.path.isdir(os.path.join(directory, n))]
+        except OSError:
+            break
+        if not names:
+            break
+        for name in names:
+            path = os.path.join(directory, name)
+            moved = os.path.join(directory, f"{ABANDONED}{attempt}-{name.split('.')[0]}")
+            try:
+                os.rename(path, moved)
+                aside.append(moved)
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                placeholders.append(path)
+            except OSError:
+                pass  # a writer got there first: the next pass moves what it made
+    # Writers holding a moved directory may still be adding to it; a few passes outlast them.
+    deadline = time.monotonic() + 2.0
+    while aside and time.monotonic() < deadline:
+        for moved in aside:
+            shutil.rmtree(moved, ignore_errors=True)
+        aside = [m for m in aside if os.path.lexists(m)]
+    for path in placeholders:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 class Checkpointer:
     """Saves and restores train states in ``directory``.
 
@@ -120,6 +162,8 @@ class Checkpointer:
     def __init__(self, directory: str, state, *, keep: int = 3, asynchronous: bool = True):
         self.directory = os.path.abspath(directory)
         self.layout = _Layout(state)
+        if jax.process_index() == 0:
+            self._remove_abandoned()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                                enable_async_checkpointing=asynchronous)
         # Orbax's default splits every replicated array into one slice per device to write them in
@@ -183,21 +227,25 @@ class Checkpointer:
         except OSError:
             return []
 
-    def remove_temporary(self, *, settle_s: float = 2.0) -> None:
-        """Deletes the temporary directories of saves that will not finish (the process is about to
-        exit). A save's writer threads may still be creating files (and their directories) while
-        this runs, so it deletes until nothing has reappeared for a few checks, for at most
-        ``settle_s`` seconds."""
-        deadline, quiet = time.monotonic() + settle_s, 0
-        while quiet < 3 and time.monotonic() < deadline:
-            try:
-                names = [n for n in os.listdir(self.directory) if TMP_MARKER in n]
-            except OSError:
-                return
-            for name in names:
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-            quiet = 0 if names else quiet + 1
-            time.sleep(0.05)
+    def _remove_abandoned(self) -> None:
+        """Deletes what interrupted runs left: temporary step directories (orbax's own clean-up
+        runs in the background and passes over some), directories that remove_temporary moved
+        aside and its placeholder files. The run holds the workdir's lock, so nothing is writing."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(self.directory, name)
+            if name.startswith(ABANDONED) or TMP_MARKER in name:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
+
+    def remove_temporary(self) -> None:
+        """See :func:`remove_temporary`: for a process about to exit with saves unfinished."""
+        remove_temporary(self.directory)
 
     def restore_latest(self) -> Optional[tuple[int, Any, list[dict[str, Any]]]]:
         """``(step, state, data_states)`` of the newest checkpoint that restores, or None when there
