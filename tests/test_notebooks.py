@@ -17,9 +17,11 @@ from PIL import Image
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 SCENES = "dict(image_size=64, num_train=512, num_validation=64, num_test=128, seed=0)"
+# Compiling each run's train step is most of a notebook's time at toy size, so the ablations run
+# a subset of their runs: each kind of comparison (a loss variant, a batch size, a group size) once.
 TINY = {  # notebook -> (parameter overrides, plots it must draw)
-    "loss_ablation": ("STEPS = 20\nEVAL_EVERY = 10", 2),
-    "batchnorm_ablation": ("STEPS = 20\nEVAL_EVERY = 10", 3),
+    "loss_ablation": ("STEPS = 20\nEVAL_EVERY = 10\nRUNS = {k: RUNS[k] for k in ('ALIGN', 'sigmoid', 'batch 32')}", 2),
+    "batchnorm_ablation": ("STEPS = 20\nEVAL_EVERY = 10\nGROUP_SIZES = (None, 4)", 3),
     "altclip_two_phase": ("SCALE = 0.05", 4),
 }
 
