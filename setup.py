@@ -8,10 +8,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # convert/ (the thin command-line converters) installs as ``altjax_convert``: a top-level package
-    # named plainly ``convert`` would collide in site-packages.
-    packages=find_packages(include=["altjax", "altjax.*"]) + ["altjax_convert"],
-    package_dir={"altjax_convert": "convert"},
+    # convert/ (the thin command-line converters) installs as ``altjax_convert`` and configs/ (the
+    # recipes ``altjax-train --config NAME`` reads) as ``altjax_configs``: top-level packages named
+    # plainly ``convert`` or ``configs`` would collide in site-packages.
+    packages=find_packages(include=["altjax", "altjax.*"]) + ["altjax_convert", "altjax_configs"],
+    package_dir={"altjax_convert": "convert", "altjax_configs": "configs"},
     install_requires=[
         "jax>=0.8",
         "flax>=0.12.8",
@@ -46,7 +47,8 @@ setup(
             "sentencepiece",
             "tokenizers",
             "pytest>=8",
-            "safetensors>=0.4",  # the reference reader/writer altjax.safetensors_io is tested against
+            "pytest-xdist>=3.5",  # the README's test command runs on every core (-n auto)
+            "safetensors>=0.4",  # the reference reader/writer altjax.model_io.safetensors_io is tested against
             # Real photos for the bit-exact preprocessing tests (shipped inside these packages).
             "scikit-learn",
             "scikit-image",

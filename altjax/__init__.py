@@ -1,4 +1,4 @@
-"""altjax: contrastive image-text dual encoders (ALIGN, AltCLIP) in JAX/Flax NNX.
+"""altjax: contrastive image-text dual encoders (ALIGN, AltCLIP, CLIP) in JAX/Flax NNX.
 
 The public names are imported lazily so that ``import altjax`` stays cheap.
 """
@@ -15,14 +15,14 @@ _LAZY = {
     "CLIPModel": "altjax.models.clip",
     "AlignProcessor": "altjax.processing",
     "AltCLIPProcessor": "altjax.processing",
+    "CLIPProcessor": "altjax.processing",
 }
 
 
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in ("losses", "sharding", "conversion", "checkpoint", "models", "processing", "evaluation", "data",
-                "safetensors_io", "progress"):
+    if name in ("losses", "sharding", "model_io", "models", "processing", "evaluation", "data", "progress"):
         return importlib.import_module(f"altjax.{name}")
     raise AttributeError(f"module 'altjax' has no attribute {name!r}")
 

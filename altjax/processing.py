@@ -1,4 +1,4 @@
-"""Processors for ALIGN and AltCLIP: a Hugging Face tokenizer plus image preprocessing in NumPy + PIL.
+"""Processors for ALIGN, AltCLIP and CLIP: a Hugging Face tokenizer plus image preprocessing in NumPy + PIL.
 
 The image pipeline reproduces transformers' PIL backend (``EfficientNetImageProcessorPil``,
 ``CLIPImageProcessorPil``) bit for bit. The resize has to be PIL's on the uint8 image: a float
@@ -370,4 +370,17 @@ class AltCLIPProcessor(_DualEncoderProcessor):
     image_processor_type = "CLIPImageProcessor"
     default_image_config = {}
     tokenizer_class = "XLMRobertaTokenizer"
+    text_defaults = {}
+
+
+class CLIPProcessor(_DualEncoderProcessor):
+    """CLIP: CLIP's BPE tokenizer + CLIP preprocessing. No text defaults (no padding unless asked).
+
+    The tokenizer is the class a directory's ``tokenizer_config.json`` names (a CLIP trained by
+    altjax may carry its own), else ``CLIPTokenizer``.
+    """
+
+    image_processor_type = "CLIPImageProcessor"
+    default_image_config = {}
+    tokenizer_class = "CLIPTokenizer"
     text_defaults = {}

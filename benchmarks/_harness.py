@@ -40,9 +40,10 @@ def on_gpu() -> bool:
 def configs(name: str):
     """``(family, altjax config, seq_len default)`` of a benchmark model name."""
     if name == "demo":
-        from altjax.train import CONFIGS_DIR, load_config, model_config
+        from altjax.train import load_config
+        from altjax.training.tasks.align import model_config
 
-        config = load_config(os.path.join(CONFIGS_DIR, "demo.py"))
+        config = load_config("demo")
         return "align", model_config(config, 100), int(config.data.max_length)
     if name.startswith("align"):
         from altjax.models.align import AlignConfig
@@ -83,21 +84,19 @@ def param_count(name: str) -> int:
 
 
 def _jax_model_class(family: str):
-    if family == "align":
-        from altjax.models.align import AlignModel
+    from altjax.models import registry
 
-        return AlignModel
-    from altjax.models.altclip import AltCLIPModel
-
-    return AltCLIPModel
+    return registry.get(family).model
 
 
 def _torch_model(family: str, cfg):
     import transformers
 
-    if family == "align":
-        return transformers.AlignModel(transformers.AlignConfig(**cfg.to_hf()))
-    return transformers.AltCLIPModel(transformers.AltCLIPConfig(**cfg.to_hf()))
+    from altjax.models import registry
+
+    config = cfg.to_hf()
+    hf_config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
+    return getattr(transformers, registry.get(family).transformers_class)(hf_config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,13 +220,14 @@ def _build_jax(spec: dict):
 
     from altjax import losses
     from altjax.models import layers
-    from altjax.train_step import Objective, init_state, make_train_step
+    from altjax.training.objectives import Objective
+    from altjax.training.step import init_state, make_train_step
 
     family, cfg, _ = configs(spec["model"])
     dtype = jnp.bfloat16 if spec["precision"] == "bf16" else jnp.float32
     model = _jax_model_class(family)(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     if spec.get("depthwise"):
-        from altjax.models.efficientnet import DepthwiseConv
+        from altjax.models.ops.depthwise_conv import DepthwiseConv
 
         for _, module in nnx.iter_modules(model):
             if isinstance(module, DepthwiseConv):

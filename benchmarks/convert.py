@@ -1,4 +1,5 @@
-"""Conversion time and peak memory for full-size ALIGN (align-base) and AltCLIP (ViT-L/14 + XLM-R large).
+"""Conversion time and peak memory for full-size ALIGN (align-base), AltCLIP (ViT-L/14 + XLM-R large)
+and CLIP (ViT-L/14).
 
 For each model a random-weight HF checkpoint is written once with transformers (kept in --cache),
 then each step runs in a fresh Python process so that its peak RSS is its own:
@@ -10,7 +11,7 @@ then each step runs in a fresh Python process so that its peak RSS is its own:
 Prints wall time, peak RSS and peak RSS / checkpoint size (the goal is <= 2x). With --check the
 round-trip parity table of ``altjax-convert to-altjax --check`` is printed too (needs torch).
 
-  python benchmarks/convert.py [--models align-base altclip] [--cache /tmp/altjax-bench] [--check]
+  python benchmarks/convert.py [--models align-base altclip clip-vit-l14] [--cache /tmp/altjax-bench] [--check]
 """
 from __future__ import annotations
 
@@ -23,10 +24,17 @@ import sys
 import tempfile
 import time
 
+# Benchmark name -> (model_type, altjax preset).
+MODELS = {
+    "align-base": ("align", "align-base"),
+    "altclip": ("altclip", "altclip"),
+    "clip-vit-l14": ("clip", "clip-vit-l14"),
+}
+
 CHILD = r"""
 import resource, sys, time, json
 start = time.perf_counter()
-import jax, altjax.checkpoint, altjax.models.align, altjax.models.altclip  # noqa: F401  (the baseline)
+import jax, altjax.models.registry  # noqa: F401  (the baseline)
 from altjax_convert.cli import main
 argv = json.loads(sys.argv[1])
 code = main(argv) if argv else 0
@@ -39,19 +47,20 @@ def make_checkpoint(name: str, directory: str) -> None:
     import torch
     import transformers
 
-    from altjax.models.align import AlignConfig
-    from altjax.models.altclip import AltCLIPConfig
+    from altjax.models import registry
 
+    model_type, preset = MODELS[name]
+    kind = registry.get(model_type)
+    config = kind.config.from_preset(preset).to_hf()
     torch.manual_seed(0)
-    if name == "align-base":
-        model = transformers.AlignModel(transformers.AlignConfig(**AlignConfig.from_preset("align-base").to_hf()))
-        # transformers' default init (normal, std 0.02) makes a random EfficientNet-B7 overflow to
-        # inf; He fan-out init, as EfficientNet's authors and altjax use, keeps the embeddings finite.
-        for module in model.vision_model.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(module.weight, mode="fan_out")
-    else:
-        model = transformers.AltCLIPModel(transformers.AltCLIPConfig(**AltCLIPConfig.from_preset("altclip").to_hf()))
+    model = getattr(transformers, kind.transformers_class)(transformers.AutoConfig.for_model(config.pop("model_type"),
+                                                                                             **config))
+    # transformers' default init (normal, std 0.02) makes a random EfficientNet-B7 overflow to inf;
+    # He fan-out init, as EfficientNet's authors and altjax use, keeps the embeddings finite (and
+    # leaves a ViT's patch embedding, the only conv of the others, well scaled).
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, mode="fan_out")
     tmp = directory + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -74,14 +83,14 @@ def size_of(directory: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["align-base", "altclip"], choices=["align-base", "altclip"])
+    parser.add_argument("--models", nargs="+", default=["align-base", "altclip"], choices=list(MODELS))
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "altjax-bench"))
     parser.add_argument("--check", action="store_true", help="also time to-altjax --check and print its table")
     args = parser.parse_args()
     os.makedirs(args.cache, exist_ok=True)
     baseline = run_child([])
     print(f"baseline (python + jax + altjax imported): peak RSS {baseline['peak_rss'] / 2**20:.0f} MiB\n")
-    header = f"{'model':<11} {'step':<16} {'checkpoint':>11} {'time':>8} {'peak RSS':>10} {'net RSS':>10} {'RSS/ckpt':>9} {'net/ckpt':>9}"
+    header = f"{'model':<12} {'step':<16} {'checkpoint':>11} {'time':>8} {'peak RSS':>10} {'net RSS':>10} {'RSS/ckpt':>9} {'net/ckpt':>9}"
     rows = []
     for name in args.models:
         hf = os.path.join(args.cache, name)
@@ -99,7 +108,7 @@ def main() -> None:
             for step, argv in steps:
                 r = run_child(argv)
                 net = r["peak_rss"] - baseline["peak_rss"]
-                rows.append(f"{name:<11} {step:<16} {ckpt / 1e9:>9.2f}GB {r['seconds']:>7.1f}s "
+                rows.append(f"{name:<12} {step:<16} {ckpt / 1e9:>9.2f}GB {r['seconds']:>7.1f}s "
                             f"{r['peak_rss'] / 1e9:>8.2f}GB {net / 1e9:>8.2f}GB {r['peak_rss'] / ckpt:>8.2f}x {net / ckpt:>8.2f}x")
                 print(rows[-1], flush=True)
                 if "--check" in argv:

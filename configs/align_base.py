@@ -18,6 +18,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     """The ALIGN-base training config; see the module docstring."""
     c = ml_collections.ConfigDict()
+    c.task = "align"
     c.seed = 0
     # The paper trains ~1.2M steps at batch 16k (about 12 epochs of 1.8B pairs).
     c.total_steps = 1_200_000
@@ -76,9 +77,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-6
     c.optimizer.grad_clip_norm = 0.0
+    # Never decayed: norms (LayerNorm, BatchNorm), biases and the logit scalars (temperature,
+    # logit_scale, logit_bias).
+    c.optimizer.no_decay = r"(^|/)(bias|scale|temperature|logit_scale|logit_bias)$"
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "align"
     # "softmax" (ALIGN) or "sigmoid" (SigLIP's loss; its bias starts at -10 and is learned unless
     # learn_bias is false; it is not part of the exported model).
     c.loss.kind = "softmax"

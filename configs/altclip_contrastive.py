@@ -13,12 +13,11 @@ set, copies a CLIP directory's image tower (``vision_model``, ``visual_projectio
 """
 import ml_collections
 
-from altjax.distill import PHASE2_FREEZE
-
 
 def get_config() -> ml_collections.ConfigDict:
     """The phase-2 recipe (see the module docstring)."""
     c = ml_collections.ConfigDict()
+    c.task = "altclip_contrastive"
     c.seed = 0
     c.total_steps = 10_000
     c.batch_size = 1024
@@ -34,10 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = dict(data=-1, model=1)
     c.remat = False
     c.remat_policy = "nothing_saveable"
-    c.freeze = PHASE2_FREEZE
+    # AltCLIP's image tower stays CLIP's.
+    c.freeze = r"^vision_model|^visual_projection"
 
     c.model = ml_collections.ConfigDict()
-    c.model.kind = "altclip"
     c.model.preset = "altclip"
     c.model.init_from = ""  # phase 1's student
     c.model.image_tower_from = ""  # a CLIP directory, optional
@@ -77,9 +76,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-8
     c.optimizer.grad_clip_norm = 5.0
+    # Never decayed: norms (LayerNorm, BatchNorm), biases and the logit scalars (temperature,
+    # logit_scale, logit_bias).
+    c.optimizer.no_decay = r"(^|/)(bias|scale|temperature|logit_scale|logit_bias)$"
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "clip"
     c.loss.kind = "softmax"  # or "sigmoid" (SigLIP's, with a bias learned from -10 unless learn_bias is false)
     c.loss.learn_bias = True
     c.loss.label_smoothing = 0.0

@@ -15,12 +15,11 @@ CLIP directory: openai/clip-vit-large-patch14), whose image tower AltCLIP also t
 """
 import ml_collections
 
-from altjax.distill import PHASE1_FREEZE
-
 
 def get_config() -> ml_collections.ConfigDict:
     """The phase-1 recipe (see the module docstring)."""
     c = ml_collections.ConfigDict()
+    c.task = "altclip_distill"
     c.seed = 0
     c.total_steps = 100_000
     c.batch_size = 1024
@@ -29,14 +28,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 0
     c.keep_checkpoints = 2
     c.async_checkpoints = True
+    # No chance level for a regression: nothing to warn about.
+    c.warn_chance_steps = 0
     c.grad_accum_steps = 1
     c.mesh = dict(data=-1, model=1)
     c.remat = False
     c.remat_policy = "nothing_saveable"
-    c.freeze = PHASE1_FREEZE
+    # Only the student's text tower trains: the teacher is fixed, and the student's image side is the
+    # teacher's (text_projection is not in the phase-1 loss; weight decay alone would shrink it).
+    c.freeze = r"^teacher/|^student/(vision_model|visual_projection|text_projection|logit_scale)"
 
     c.model = ml_collections.ConfigDict()
-    c.model.kind = "distill"
     c.model.preset = "altclip"
     c.model.init_from = ""
     c.model.text_init_from = ""  # HF XLM-R (xlm-roberta-large)
@@ -74,11 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-8
     c.optimizer.grad_clip_norm = 1.0
-
-    c.loss = ml_collections.ConfigDict()
-    c.loss.name = "distill"
-    c.loss.label_smoothing = 0.0
-    c.loss.impl = "gather"
+    # Never decayed: norms (LayerNorm, BatchNorm), biases and the logit scalars (temperature,
+    # logit_scale, logit_bias).
+    c.optimizer.no_decay = r"(^|/)(bias|scale|temperature|logit_scale|logit_bias)$"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.datasets = ()

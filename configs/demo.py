@@ -1,7 +1,7 @@
 """The demo: a tiny ALIGN (EfficientNet + BERT) trained from scratch on the embedded scenes dataset.
 
-    altjax-train --config configs/demo.py --workdir /tmp/demo
-    python -m altjax.demo            # the same config, with evaluations before/after and a figure
+    altjax-train --config demo --workdir /tmp/demo
+    python -m altjax.demos.align     # the same config, with evaluations before/after and a figure
 
 Sized to learn image-text retrieval far above chance within a few minutes on a 2-core CPU: 32 px
 images, a four-stage EfficientNet of 48 channels at its top, a two-layer BERT of width 64 over a
@@ -13,6 +13,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     """The demo config (see the module docstring); every training config has these keys."""
     c = ml_collections.ConfigDict()
+    c.task = "align"
     c.seed = 0
     c.total_steps = 600
     c.batch_size = 64
@@ -73,9 +74,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-6
     c.optimizer.grad_clip_norm = 1.0
+    # Never decayed: norms (LayerNorm, BatchNorm), biases and the logit scalars (temperature,
+    # logit_scale, logit_bias).
+    c.optimizer.no_decay = r"(^|/)(bias|scale|temperature|logit_scale|logit_bias)$"
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "align"
     # "softmax" (ALIGN) or "sigmoid" (SigLIP's loss; its bias starts at -10 and is learned unless
     # learn_bias is false; it is not part of the exported model).
     c.loss.kind = "softmax"

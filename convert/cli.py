@@ -19,13 +19,19 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
+from altjax import fsutil
+from altjax.model_io import parity
+from altjax.model_io.directories import CheckpointError, check_replaceable
+from altjax.model_io.engine import ConversionError
+from altjax.models import registry
+
 PROG = "altjax-convert"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Convert ALIGN and AltCLIP checkpoints between Hugging Face (PyTorch) and altjax (orbax).",
+        description="Convert ALIGN, AltCLIP and CLIP checkpoints between Hugging Face (PyTorch) and altjax (orbax).",
     )
     sub = parser.add_subparsers(dest="direction", required=True, metavar="{to-altjax,to-hf}")
     for name, help_, src, out in [
@@ -50,72 +56,57 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_class(src: str):
-    from altjax import checkpoint
-    from altjax.models.align import AlignModel
-    from altjax.models.altclip import AltCLIPModel
-
-    classes = {"align": AlignModel, "altclip": AltCLIPModel}
-    model_type = checkpoint.read_config(src).get("model_type")
-    if model_type not in classes:
-        raise checkpoint.CheckpointError(
-            f"{src}: model_type is {model_type!r}; altjax-convert handles {' or '.join(map(repr, classes))}")
-    return model_type, classes[model_type]
-
-
 def _log(quiet: bool, message: str) -> None:
     if not quiet:
         print(message, file=sys.stderr, flush=True)
 
 
 def convert(args: argparse.Namespace) -> int:
-    from altjax import checkpoint, fsutil
-    from altjax.conversion import check
-
     src, out = os.path.abspath(args.src), fsutil.output_path(args.out)
     if os.path.lexists(out):
         if not args.overwrite:
-            raise checkpoint.CheckpointError(f"{out}: output path exists (choose another path or pass --overwrite)")
+            raise CheckpointError(f"{out}: output path exists (choose another path or pass --overwrite)")
         # --overwrite replaces only an output altjax wrote, never the source or a directory above it.
-        checkpoint.check_replaceable(out, sources=(src,))
+        check_replaceable(out, sources=(src,))
     if not os.path.isdir(os.path.dirname(out)):
-        raise checkpoint.CheckpointError(f"{os.path.dirname(out)}: the output's parent directory does not exist")
+        raise CheckpointError(f"{os.path.dirname(out)}: the output's parent directory does not exist")
     if args.images or args.texts or args.tolerance is not None:
         if not args.check:
-            raise checkpoint.CheckpointError("--images, --texts and --tolerance only apply with --check")
-    model_type, cls = _model_class(src)
+            raise CheckpointError("--images, --texts and --tolerance only apply with --check")
+    kind = registry.of_directory(src)
     progress = not args.quiet
     start = time.perf_counter()
-    _log(args.quiet, f"reading {src} ({model_type})")
-    model = cls.from_pretrained(src, progress=progress)
+    _log(args.quiet, f"reading {src} ({kind.model_type})")
+    model = kind.model.from_pretrained(src, progress=progress)
     fmt = "altjax" if args.direction == "to-altjax" else "hf"
     # Written and checked in a staging directory beside OUT; renamed into place only when it passed.
     try:
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.stage-", dir=os.path.dirname(out))
     except OSError as e:  # no permission to write there
-        raise checkpoint.CheckpointError(f"{out}: cannot write the output ({e.strerror or e})") from None
+        raise CheckpointError(f"{out}: cannot write the output ({e.strerror or e})") from None
     try:
         written = os.path.join(staging, "out")
         kwargs = {"max_shard_size": args.max_shard_size} if fmt == "hf" else {}
         try:
             model.save_pretrained(written, format=fmt, progress=progress, **kwargs)
         except OSError as e:  # a full disk: one line, and the staging directory goes
-            raise checkpoint.CheckpointError(f"{out}: cannot write the output ({e.strerror or e}); nothing written") from None
+            raise CheckpointError(f"{out}: cannot write the output ({e.strerror or e}); nothing written") from None
         _log(args.quiet, f"converted in {time.perf_counter() - start:.1f}s")
         if args.check:
             hf_dir, jax_dir = (src, written) if fmt == "altjax" else (written, src)
-            converted = cls.from_pretrained(jax_dir) if fmt == "altjax" else model
-            inputs = check.check_inputs(converted.config, src, images=args.images, texts=args.texts)
+            converted = kind.model.from_pretrained(jax_dir) if fmt == "altjax" else model
+            inputs = parity.check_inputs(converted.config, kind.processor, src, images=args.images, texts=args.texts)
             _log(args.quiet, "checking: transformers vs altjax on one batch")
-            rows = check.compare(check.run_altjax(converted, inputs), check.run_transformers(hf_dir, model_type, inputs),
-                                 tolerance=check.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance)
-            print(check.format_table(rows))
+            reference = parity.run_transformers(hf_dir, kind.transformers_class, inputs)
+            rows = parity.compare(parity.run_altjax(converted, inputs), reference,
+                                  tolerance=parity.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance)
+            print(parity.format_table(rows))
             failed = [r.name for r in rows if not r.passed]
             if failed:
                 print(f"{PROG}: parity check failed for {', '.join(failed)}; nothing written to {out}", file=sys.stderr)
                 return 1
         if os.path.lexists(out):  # again, just before replacing it: conversion takes a while
-            checkpoint.check_replaceable(out, sources=(src,))
+            check_replaceable(out, sources=(src,))
         fsutil.replace_path(written, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -137,9 +128,6 @@ def _return_freed_memory_to_the_system() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from altjax.checkpoint import CheckpointError
-    from altjax.conversion.engine import ConversionError
-
     args = _parser().parse_args(argv)
     _return_freed_memory_to_the_system()
     try:

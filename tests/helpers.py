@@ -52,6 +52,52 @@ def assert_round_trip(back: dict, state: dict) -> None:
         np.testing.assert_array_equal(back[k], v, err_msg=f"{k} changed in the round trip")
 
 
+
+# --- the parity harness: torch reference in, altjax model out ------------------------------------
+
+def torch_inputs(text, pixels) -> dict:
+    """NumPy text inputs and NHWC pixels as keyword arguments of a torch model (NCHW pixels)."""
+    import torch
+
+    return dict(**{k: torch.tensor(v) for k, v in text.items()}, pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2))
+
+
+def from_torch_state(module_class, state, config, dtype=None, *, table=None):
+    """``module_class(config)`` holding a torch state dict (key -> NumPy array): built abstractly
+    (no random initialisation, as checkpoints load), converted with ``table(config)`` (default: the
+    class's own ``conversion_table``), its dropout streams seeded with 0."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from altjax.model_io import engine
+
+    table = module_class.conversion_table if table is None else table
+    model = nnx.eval_shape(lambda: module_class(config, dtype=jnp.float32 if dtype is None else dtype, rngs=nnx.Rngs(0)))
+    engine.load_params(model, engine.torch_to_nnx(state, table(config), engine.model_shapes(model)))
+    nnx.reseed(model, default=0, dropout=0)  # the RNG streams of an abstract model are placeholders
+    return model
+
+
+def check_dual_encoder_outputs(out, ref, scale: float, *, what: str, atol: float, logits_atol: float,
+                               towers_relative: bool = False) -> None:
+    """An altjax dual encoder's output against transformers': both embeddings within ``atol``, the
+    logits and the loss within ``logits_atol`` times the logit ``scale``, and each tower's
+    ``last_hidden_state`` and ``pooler_output`` within ``atol`` (relative to the largest reference
+    value with ``towers_relative``)."""
+    assert_close(out.image_embeds, ref.image_embeds, atol=atol, what=f"{what} image_embeds")
+    assert_close(out.text_embeds, ref.text_embeds, atol=atol, what=f"{what} text_embeds")
+    assert_close(out.logits_per_text, ref.logits_per_text, atol=logits_atol * scale, what=f"{what} logits_per_text")
+    assert_close(out.logits_per_image, ref.logits_per_image, atol=logits_atol * scale, what=f"{what} logits_per_image")
+    if ref.loss is not None:
+        assert_close(out.loss, ref.loss, atol=logits_atol * scale, what=f"{what} loss")
+    for tower in ("text_model_output", "vision_model_output"):
+        for field in ("last_hidden_state", "pooler_output"):
+            a, b = getattr(getattr(out, tower), field), getattr(getattr(ref, tower), field)
+            if towers_relative:
+                assert_rel_close(a, b, rtol=atol, what=f"{what} {tower}.{field}")
+            else:
+                assert_close(a, b, atol=atol, what=f"{what} {tower}.{field}")
+
 # --- tiny model directories with processor files (checkpoint and converter tests) --------------
 
 def bert_vocab_dir() -> str:
@@ -74,10 +120,30 @@ def write_xlmr_tokenizer(directory) -> None:
     transformers.XLMRobertaTokenizer(vocab=vocab, model_max_length=512).save_pretrained(directory)
 
 
-def write_processor_files(directory, model_type: str, image_size: int) -> None:
+def write_clip_tokenizer(directory, vocab_size: int) -> None:
+    """A small word-level tokenizer laid out like CLIP's: words first, start- and end-of-text as
+    the last two ids (the end token also pads); no CLIP BPE vocabulary is available offline."""
+    import tokenizers
+    import transformers
+
+    words = ["a", "photo", "of", "cat", "dog", "diagram", "two", "red", "squares", "cup", "coffee", "bicycle"]
+    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    bos, eos = vocab_size - 2, vocab_size - 1
+    vocab.update({"<|startoftext|>": bos, "<|endoftext|>": eos})
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = tokenizers.normalizers.Lowercase()
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        unk_token="<unk>", model_input_names=["input_ids", "attention_mask"]).save_pretrained(directory)
+
+
+def write_processor_files(directory, model_type: str, image_size: int, vocab_size: int | None = None) -> None:
     """Tokenizer + image processor config for a tiny model: ALIGN's recipe (bilinear resize to
     1.2x, centre crop, x/127.5 - 1; the real BERT vocab) or CLIP's (bicubic, CLIP mean/std; a small
-    XLM-R tokenizer)."""
+    XLM-R tokenizer for AltCLIP, a small CLIP-like one of ``vocab_size`` ids for CLIP)."""
     import json
     import os
     import shutil
@@ -92,7 +158,10 @@ def write_processor_files(directory, model_type: str, image_size: int) -> None:
                  "size": {"height": image_size * 6 // 5, "width": image_size * 6 // 5},
                  "crop_size": {"height": image_size, "width": image_size}}
     else:
-        write_xlmr_tokenizer(directory)
+        if model_type == "clip":
+            write_clip_tokenizer(directory, vocab_size)
+        else:
+            write_xlmr_tokenizer(directory)
         image = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": image_size},
                  "crop_size": {"height": image_size, "width": image_size}}
     with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
@@ -100,21 +169,23 @@ def write_processor_files(directory, model_type: str, image_size: int) -> None:
 
 
 def tiny_hf_dir(directory, model_type: str, *, name: str | None = None, seed: int = 0):
-    """Saves a random tiny transformers ALIGN or AltCLIP (the first config of test_align /
-    test_altclip unless ``name``) with processor files to ``directory``; returns the torch model."""
+    """Saves a random tiny transformers ALIGN, AltCLIP or CLIP (the first config of test_align /
+    test_altclip / test_clip unless ``name``) with processor files to ``directory``; returns the
+    torch model."""
     import transformers
 
     import test_align
     import test_altclip
+    import test_clip
 
-    module = test_align if model_type == "align" else test_altclip
+    module = {"align": test_align, "altclip": test_altclip, "clip": test_clip}[model_type]
     name = name or next(iter(module.TINY))
     config = module.hf_config(name)
     if model_type == "align":
         config.text_config.vocab_size = 30522  # the real bert-base-uncased vocab of the tokenizer
         config.text_config.max_position_embeddings = 64  # AlignProcessor pads to 64 tokens
-    cls = transformers.AlignModel if model_type == "align" else transformers.AltCLIPModel
-    model = module.randomise_(cls(config).eval(), seed)
+    cls = {"align": transformers.AlignModel, "altclip": transformers.AltCLIPModel, "clip": transformers.CLIPModel}
+    model = module.randomise_(cls[model_type](config).eval(), seed)
     model.save_pretrained(directory)
-    write_processor_files(directory, model_type, config.vision_config.image_size)
+    write_processor_files(directory, model_type, config.vision_config.image_size, config.text_config.vocab_size)
     return model

@@ -8,8 +8,8 @@ and BatchNorm statistics 1e-5 relative to their largest value; gradients 1e-4 re
 bit-exact; bfloat16 compute: cosine to the float32 reference >= 0.999.
 """
 import dataclasses
+import functools
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +21,19 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers.models.align.modeling_align import round_filters
 
-from altjax.checkpoint import CheckpointError
-from altjax.conversion import engine
-from altjax.conversion.align import align_table
-from altjax.models.align import AlignConfig, AlignModel
+from altjax.model_io import engine
+from altjax.model_io.directories import CheckpointError
+from altjax.models.align import AlignConfig, AlignModel, align_table
 from altjax.models.efficientnet import block_specs
-from helpers import assert_close, assert_rel_close, assert_round_trip, cosine, torch_state
+from helpers import (
+    assert_close,
+    assert_rel_close,
+    assert_round_trip,
+    cosine,
+    from_torch_state,
+    torch_inputs,
+    torch_state,
+)
 
 TEXT = dict(vocab_size=99, max_position_embeddings=40)
 # Two tiny configurations: different widths, depths, kernels, stride patterns and image sizes; the
@@ -120,15 +127,7 @@ def make_inputs(cfg, image_size, batch=3, length=9, seed=0):
     return text, pixels
 
 
-def torch_inputs(text, pixels):
-    return dict(**{k: torch.tensor(v) for k, v in text.items()}, pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2))
-
-
-def convert(state, cfg, dtype=jnp.float32):
-    model = nnx.eval_shape(lambda: AlignModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    engine.load_params(model, engine.torch_to_nnx(state, align_table(cfg), engine.model_shapes(model)))
-    nnx.reseed(model, default=0, dropout=0)  # the RNG streams of an abstract model are placeholders
-    return model
+convert = functools.partial(from_torch_state, AlignModel)
 
 
 def jitted_forward(model):
@@ -375,7 +374,7 @@ def test_config_round_trip_and_presets():
         AlignConfig.from_preset("align-huge")
 
 
-def test_tiny_preset_matches_torch_and_runs_fast():
+def test_tiny_preset_matches_torch():
     cfg = AlignConfig.from_preset("align-tiny")
     hc = transformers.AlignConfig(**cfg.to_hf())
     tm = transformers.AlignModel(hc).eval()  # transformers' own initialisation
@@ -387,10 +386,6 @@ def test_tiny_preset_matches_torch_and_runs_fast():
     with torch.no_grad():
         ref = tm(**torch_inputs(text, pixels), return_loss=True)
     check_outputs(out, ref, cfg.temperature_init_value, what="align-tiny")
-    start = time.perf_counter()
-    jax.block_until_ready(forward(**text, pixel_values=pixels))
-    elapsed = time.perf_counter() - start
-    assert elapsed < 0.5, f"align-tiny jitted forward took {elapsed:.2f} s"
 
 
 def test_random_initialisation():

@@ -6,6 +6,7 @@ absolute (cosines scaled by exp(logit_scale), so the cosine error times that sca
 since |d loss| <= max |d logit|; gradients 1e-4 relative to the largest reference gradient of each
 tensor; conversions bit-exact; bfloat16 compute: cosine to the float32 reference >= 0.999.
 """
+import functools
 import gc
 import json
 
@@ -18,11 +19,19 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from altjax.checkpoint import CheckpointError
-from altjax.conversion import engine
-from altjax.conversion.altclip import altclip_table
-from altjax.models.altclip import AltCLIPConfig, AltCLIPModel
-from helpers import assert_close, assert_rel_close, assert_round_trip, cosine, torch_state
+from altjax.model_io import engine
+from altjax.model_io.directories import CheckpointError
+from altjax.models.altclip import AltCLIPConfig, AltCLIPModel, altclip_table
+from helpers import (
+    assert_close,
+    assert_rel_close,
+    assert_round_trip,
+    check_dual_encoder_outputs,
+    cosine,
+    from_torch_state,
+    torch_inputs,
+    torch_state,
+)
 
 # Tiny configurations: widths, depths, head counts, patch and image sizes (one not a multiple of
 # the patch), pad ids, projection widths, logit scales.
@@ -109,14 +118,7 @@ def make_inputs(cfg, image_size, batch=3, length=9, seed=0):
     return text, pixels
 
 
-def torch_inputs(text, pixels):
-    return dict(**{k: torch.tensor(v) for k, v in text.items()}, pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2))
-
-
-def convert(state, cfg, dtype=jnp.float32):
-    model = nnx.eval_shape(lambda: AltCLIPModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    engine.load_params(model, engine.torch_to_nnx(state, altclip_table(cfg), engine.model_shapes(model)))
-    return model
+convert = functools.partial(from_torch_state, AltCLIPModel)
 
 
 def jitted_forward(model):
@@ -139,17 +141,7 @@ def jitted_forward(model):
 
 
 def check_outputs(out, ref, logit_scale, *, what, atol=1e-5):
-    scale = float(np.exp(logit_scale))
-    assert_close(out.image_embeds, ref.image_embeds, atol=atol, what=f"{what} image_embeds")
-    assert_close(out.text_embeds, ref.text_embeds, atol=atol, what=f"{what} text_embeds")
-    assert_close(out.logits_per_text, ref.logits_per_text, atol=1e-4 * scale, what=f"{what} logits_per_text")
-    assert_close(out.logits_per_image, ref.logits_per_image, atol=1e-4 * scale, what=f"{what} logits_per_image")
-    if ref.loss is not None:
-        assert_close(out.loss, ref.loss, atol=1e-4 * scale, what=f"{what} loss")
-    for tower in ("text_model_output", "vision_model_output"):
-        for field in ("last_hidden_state", "pooler_output"):
-            a, b = getattr(getattr(out, tower), field), getattr(getattr(ref, tower), field)
-            assert_close(a, b, atol=atol, what=f"{what} {tower}.{field}")
+    check_dual_encoder_outputs(out, ref, float(np.exp(logit_scale)), what=what, atol=atol, logits_atol=1e-4)
 
 
 @pytest.fixture(scope="module", params=list(TINY))

@@ -3,6 +3,8 @@
 Tolerances (float32): hidden states and pooler 1e-5 absolute (values are O(1) after LayerNorm);
 gradients 1e-4 relative to the largest reference gradient of each tensor; conversions bit-exact.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +13,9 @@ import torch
 import transformers
 from flax import nnx
 
-from altjax.conversion import engine
-from altjax.conversion.bert import bert_table
-from altjax.models.bert import Bert, BertConfig
-from helpers import assert_close, assert_rel_close, assert_round_trip, torch_state
+from altjax.model_io import engine
+from altjax.models.bert import Bert, BertConfig, bert_table
+from helpers import assert_close, assert_rel_close, assert_round_trip, from_torch_state, torch_state
 
 # Tiny configurations: different widths, head counts, depths, odd intermediate sizes.
 CONFIGS = {
@@ -65,10 +66,7 @@ def to_torch(inputs):
     return {k: torch.tensor(v) for k, v in inputs.items()}
 
 
-def convert_state(state, cfg):
-    model = Bert(cfg, rngs=nnx.Rngs(0))
-    engine.load_params(model, engine.torch_to_nnx(state, bert_table(cfg), engine.model_shapes(model)))
-    return model
+convert_state = functools.partial(from_torch_state, Bert, table=bert_table)
 
 
 def convert(torch_model, cfg):
@@ -256,8 +254,9 @@ REAL_SENTENCES = [
 
 def test_real_minilm_weights_match_bert_model():
     """Real BERT weights (all-MiniLM-L6-v2: 6 layers, 384 wide, the ALIGN text tower's layout) read
-    from the package's model.safetensors with altjax.checkpoint, on real tokenised sentences."""
-    from altjax.checkpoint import open_weights, read_config
+    from the package's model.safetensors with altjax.model_io, on real tokenised sentences."""
+    from altjax.model_io.directories import read_config
+    from altjax.model_io.hf_weights import open_weights
     from helpers import bert_vocab_dir
 
     directory = bert_vocab_dir()

@@ -20,12 +20,20 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers.initialization import no_init_weights
 
-from altjax.checkpoint import CheckpointError
-from altjax.conversion import engine
-from altjax.conversion.clip import clip_table
-from altjax.models.clip import CLIPConfig, CLIPModel
+from altjax.model_io import engine
+from altjax.model_io.directories import CheckpointError
+from altjax.models.clip import CLIPConfig, CLIPModel, clip_table
 from altjax.models.clip_text import CLIPTextTeacher
-from helpers import assert_close, assert_rel_close, assert_round_trip, cosine, torch_state
+from helpers import (
+    assert_close,
+    assert_rel_close,
+    assert_round_trip,
+    check_dual_encoder_outputs,
+    cosine,
+    from_torch_state,
+    torch_inputs,
+    torch_state,
+)
 from test_altclip import randomise_
 from test_clip_text import text_inputs
 
@@ -88,15 +96,7 @@ def make_inputs(cfg, image_size, batch=3, length=9, seed=0):
     return text, pixels
 
 
-def torch_inputs(text, pixels):
-    return dict(**{k: torch.tensor(v) for k, v in text.items()}, pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2))
-
-
-def convert(state, cfg, dtype=jnp.float32):
-    model = nnx.eval_shape(lambda: CLIPModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    engine.load_params(model, engine.torch_to_nnx(state, clip_table(cfg), engine.model_shapes(model)))
-    nnx.reseed(model, default=0, dropout=0)  # the abstract model has no RNG keys yet
-    return model
+convert = functools.partial(from_torch_state, CLIPModel)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "method", "static"))
@@ -114,17 +114,8 @@ def jitted(module, method="__call__", **static):
 
 
 def check_outputs(out, ref, logit_scale, *, what, atol=1e-5):
-    scale = float(np.exp(logit_scale))
-    assert_close(out.image_embeds, ref.image_embeds, atol=atol, what=f"{what} image_embeds")
-    assert_close(out.text_embeds, ref.text_embeds, atol=atol, what=f"{what} text_embeds")
-    assert_close(out.logits_per_text, ref.logits_per_text, atol=atol * scale, what=f"{what} logits_per_text")
-    assert_close(out.logits_per_image, ref.logits_per_image, atol=atol * scale, what=f"{what} logits_per_image")
-    if ref.loss is not None:
-        assert_close(out.loss, ref.loss, atol=atol * scale, what=f"{what} loss")
-    for tower in ("text_model_output", "vision_model_output"):
-        for field in ("last_hidden_state", "pooler_output"):
-            a, b = getattr(getattr(out, tower), field), getattr(getattr(ref, tower), field)
-            assert_rel_close(a, b, rtol=atol, what=f"{what} {tower}.{field}")
+    check_dual_encoder_outputs(out, ref, float(np.exp(logit_scale)), what=what, atol=atol, logits_atol=atol,
+                               towers_relative=True)
 
 
 @pytest.fixture(scope="module", params=list(TINY))

@@ -16,11 +16,17 @@ import torch
 import transformers
 from flax import nnx
 
-from altjax.checkpoint import CheckpointError
-from altjax.conversion import engine
-from altjax.conversion.clip import clip_teacher_table, clip_text_table
-from altjax.models.clip_text import CLIPText, CLIPTextConfig, CLIPTextTeacher, eos_positions
-from helpers import assert_close, assert_rel_close, assert_round_trip, cosine, torch_state
+from altjax.model_io import engine
+from altjax.model_io.directories import CheckpointError
+from altjax.models.clip_text import (
+    CLIPText,
+    CLIPTextConfig,
+    CLIPTextTeacher,
+    clip_teacher_table,
+    clip_text_table,
+    eos_positions,
+)
+from helpers import assert_close, assert_rel_close, assert_round_trip, cosine, from_torch_state, torch_state
 
 # Tiny configurations with both pooling conventions: end-of-text = the last id of the vocabulary
 # (CLIP's layout, 49407 of 49408), the legacy eos_token_id=2 (pooled at the largest id), and an
@@ -103,10 +109,7 @@ def teacher_config(hc):
 
 
 def convert_state(state, cfg, table=clip_teacher_table, module=CLIPTextTeacher, dtype=jnp.float32):
-    model = nnx.eval_shape(lambda: module(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    engine.load_params(model, engine.torch_to_nnx(state, table(cfg), engine.model_shapes(model)))
-    nnx.reseed(model, default=0, dropout=0)  # the abstract model has no RNG keys yet
-    return model
+    return from_torch_state(module, state, cfg, dtype, table=table)
 
 
 def setup(name, seed, **overrides):
@@ -332,7 +335,7 @@ def test_from_pretrained_clip_model_and_text_model_with_projection(tmp_path):
                  what="from_pretrained(CLIPTextModelWithProjection) features")
 
     transformers.CLIPVisionModel(cm.config.vision_config).save_pretrained(tmp_path / "vision")
-    with pytest.raises(CheckpointError, match="expected 'clip' or 'clip_text_model'"):
+    with pytest.raises(CheckpointError, match="expected 'clip_text_model' or 'clip'"):
         CLIPTextTeacher.from_pretrained(tmp_path / "vision")
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 import skimage.data
-from altjax.conversion import check, engine
+from altjax.model_io import engine, parity
 from altjax_convert.cli import main
 from helpers import bert_vocab_dir, tiny_hf_dir, write_processor_files
 
@@ -48,19 +48,19 @@ def table_rows(out):
     rows = {}
     for line in out.splitlines():
         parts = line.split()
-        if parts and parts[0] in check.OUTPUTS:
+        if parts and parts[0] in parity.OUTPUTS:
             rows[parts[0]] = dict(max_abs=float(parts[2]), max_rel=float(parts[3]), cosine=float(parts[4]),
                                   verdict=" ".join(parts[5:]))
     return rows
 
 
-@pytest.mark.parametrize("model_type", ["align", "altclip"])
+@pytest.mark.parametrize("model_type", ["align", "altclip", "clip"])
 def test_both_directions_with_check(model_type, tmp_path, capsys):
     tiny_hf_dir(tmp_path / "hf", model_type)
     code, out, err = run(capsys, "to-altjax", tmp_path / "hf", tmp_path / "jax", "--check")
     assert code == 0, f"to-altjax --check failed ({code}): {out}\n{err}"
     rows = table_rows(out)
-    assert set(rows) == set(check.OUTPUTS), f"check table lacks outputs: {out}"
+    assert set(rows) == set(parity.OUTPUTS), f"check table lacks outputs: {out}"
     for name, row in rows.items():
         assert row["verdict"] == "ok" and row["max_rel"] <= 1e-5, f"{model_type} {name}: {row}"
     assert os.path.isdir(tmp_path / "jax" / "params") and "converted in" in err and "loading parameters" in err
@@ -77,6 +77,19 @@ def test_both_directions_with_check(model_type, tmp_path, capsys):
     for k, v in theirs.items():
         assert ours[k].dtype == v.dtype and np.array_equal(ours[k], v), f"{k} changed in HF -> altjax -> HF"
     assert os.path.isfile(tmp_path / "back" / "model.safetensors.index.json"), "--max-shard-size did not shard"
+
+
+def test_check_without_processor_files_uses_a_synthetic_batch(tmp_path, capsys):
+    """A CLIP directory without tokenizer and image settings is checked on random pixels and token
+    ids; its special tokens (pad = end-of-text, the last id) are left out of the random ids."""
+    tiny_hf_dir(tmp_path / "hf", "clip")
+    for name in os.listdir(tmp_path / "hf"):
+        if name not in ("config.json", "model.safetensors"):
+            os.remove(tmp_path / "hf" / name)
+    code, out, err = run(capsys, "to-altjax", tmp_path / "hf", tmp_path / "jax", "--check")
+    assert code == 0, f"{out}\n{err}"
+    rows = table_rows(out)
+    assert set(rows) == set(parity.OUTPUTS) and all(r["verdict"] == "ok" and r["max_rel"] <= 1e-5 for r in rows.values()), out
 
 
 def test_check_on_user_images_and_texts(tmp_path, capsys):
@@ -116,7 +129,7 @@ def test_bad_inputs_give_one_line_and_write_nothing(tmp_path, capsys):
     bad.mkdir()
     config = json.loads((good / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps(dict(config, model_type="bert")))
-    assert_rejected(capsys, out, "to-altjax", bad, out, match="model_type is 'bert'; altjax-convert handles 'align' or 'altclip'")
+    assert_rejected(capsys, out, "to-altjax", bad, out, match="model_type is 'bert', expected 'align' or 'altclip' or 'clip'")
 
     # model_type says AltCLIP, the weights are ALIGN's: every key is named as missing or unexpected.
     altclip = tmp_path / "altclip"

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from altjax.conversion.engine import ConversionError, Row, Table, nnx_to_torch, torch_to_nnx
+from altjax.model_io.engine import ConversionError, Row, Table, nnx_to_torch, torch_to_nnx
 
 TABLE = Table(
     rows=(

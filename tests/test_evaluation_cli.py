@@ -18,7 +18,7 @@ from PIL import Image
 
 from altjax import AlignModel, AlignProcessor
 from altjax.evaluation import Embedder, evaluate_retrieval, evaluate_zeroshot, load_dataset
-from altjax.evaluation import cli
+from altjax.evaluation import cli, results
 from altjax.evaluation.cli import embed_main, eval_main, format_table
 from altjax.evaluation.templates import get_templates
 from helpers import assert_close
@@ -125,7 +125,7 @@ EVAL_ERRORS = {
                                             "--dataset", str(f / "shapes")], r"nowhere: not a directory"),
     "bad model_type": (lambda d, f, t: ["--checkpoint", _bad_model_type(t), "--task", "zeroshot",
                                         "--dataset", str(f / "shapes")],
-                       r"bert: model_type 'bert' in config.json is not one of \['align', 'altclip'\]"),
+                       r"bert: model_type is 'bert', expected 'align' or 'altclip' or 'clip'"),
     "unknown dataset": (lambda d, f, t: ["--checkpoint", d, "--task", "retrieval", "--dataset", "flickr30k"],
                         r"unknown dataset 'flickr30k': not a directory, and not one of scenes, altjax_scenes, "),
     "unprepared tfds": (lambda d, f, t: ["--checkpoint", d, "--task", "zeroshot", "--dataset", "cifar10",
@@ -303,6 +303,43 @@ def test_embed_altclip(folders, tmp_path, capsys):
 # --- unreadable images: skipped and counted, or fatal with --strict-images ----------------------------
 
 
+def test_eval_and_embed_clip(folders, tmp_path, capsys):
+    """A CLIP directory (model_type clip) goes to CLIPModel / CLIPProcessor in both tools: altjax-eval
+    scores it, and altjax-embed's embeddings equal the model called directly (its 16 positions cap
+    the text length)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from altjax import CLIPModel, CLIPProcessor
+    from helpers import tiny_hf_dir
+
+    model_dir = tmp_path / "clip"
+    tiny_hf_dir(str(model_dir), "clip")
+    assert eval_main(["--checkpoint", str(model_dir), "--task", "zeroshot", "--dataset", str(folders / "shapes"),
+                      "--templates", "en", "--batch-size", "8"]) == 0
+    table = _lines(capsys.readouterr().out)
+    assert table[1].split()[0] == "zeroshot/shapes/en", table
+
+    texts = ["a photo of a cat", "a red bicycle", "two dogs"]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    out, images_dir = tmp_path / "index", folders / "photos"
+    assert embed_main(["--checkpoint", str(model_dir), "--images", str(images_dir), "--texts",
+                       str(tmp_path / "texts.txt"), "--out", str(out), "--batch-size", "8"]) == 0
+    capsys.readouterr()
+    index = json.loads((out / "index.json").read_text())
+    assert index["model_type"] == "clip" and index["text_length"] == 16, index
+
+    model, processor = CLIPModel.from_pretrained(model_dir), CLIPProcessor.from_pretrained(model_dir)
+    paths = [str(images_dir / p) for p in index["images"]]
+    inputs = processor(text=texts, images=[Image.open(p) for p in paths], padding="max_length", truncation=True,
+                       max_length=16)
+    graphdef, state = nnx.split(model)
+    direct = jax.jit(lambda s, x: nnx.merge(graphdef, s)(**x))(state, {k: jnp.asarray(v) for k, v in inputs.items()})
+    assert_close(np.load(out / "image_embeds.npy"), direct.image_embeds, atol=1e-6, what="CLIP image_embeds.npy vs model")
+    assert_close(np.load(out / "text_embeds.npy"), direct.text_embeds, atol=1e-6, what="CLIP text_embeds.npy vs model")
+
+
 @pytest.fixture()
 def damaged(folders, tmp_path):
     """Copies of the folders with unreadable images: in shapes, a 4th red square that is not an
@@ -437,7 +474,7 @@ def test_results_and_indexes_follow_the_umask(tmp_path, umask):
     """Colleagues on a shared filesystem read what altjax-eval and altjax-embed wrote."""
     previous = os.umask(umask)
     try:
-        cli.write_results(str(tmp_path / "results.json"), {"retrieval/x/en": {"t2i_r1": 1.0}})
+        results.write_results(str(tmp_path / "results.json"), {"retrieval/x/en": {"t2i_r1": 1.0}})
         cli.write_index(str(tmp_path / "index"), {"format": cli.INDEX_FORMAT}, {"image_embeds": np.zeros(2)})
     finally:
         os.umask(previous)

@@ -20,8 +20,8 @@ import sys
 
 import pytest
 
-from altjax import checkpoint
-from altjax.checkpoint import CheckpointError
+from altjax.model_io import directories
+from altjax.model_io.directories import CheckpointError
 from altjax.models.align import AlignModel
 from altjax_convert.cli import main
 from helpers import tiny_hf_dir
@@ -116,7 +116,7 @@ def test_overwrite_refuses_the_source_its_parents_and_what_altjax_did_not_write(
         for direction, src in (("to-hf", "a/b/m"), ("to-altjax", "theirs")):
             code, _, err = convert(capsys, direction, src, out, "--overwrite")
             assert code == 0, f"{direction} {src} {out} --overwrite: {err}"
-            assert checkpoint.is_altjax_output(work / out), f"{out} after {direction}: {os.listdir(work / out)}"
+            assert directories.is_altjax_output(work / out), f"{out} after {direction}: {os.listdir(work / out)}"
     assert not [f for f in os.listdir(work) if f.startswith(".")], f"temporary directories left: {os.listdir(work)}"
     assert (work / "notes.txt").read_text() == "a colleague's notes\n"
 
@@ -146,17 +146,17 @@ def test_save_pretrained_overwrite_replaces_only_what_altjax_wrote(dirs, tmp_pat
 
     # The helper for other outputs (the trainer's export): sources and ownership are the caller's.
     with pytest.raises(CheckpointError, match="contains the source"):
-        checkpoint.check_replaceable(tmp_path, sources=(tmp_path / "m" / "params",), owned=lambda p: True)
-    assert checkpoint.check_replaceable(tmp_path / "user", owned=lambda p: True) == str(tmp_path / "user")
-    assert checkpoint.check_replaceable(tmp_path / "absent") == str(tmp_path / "absent")
+        directories.check_replaceable(tmp_path, sources=(tmp_path / "m" / "params",), owned=lambda p: True)
+    assert directories.check_replaceable(tmp_path / "user", owned=lambda p: True) == str(tmp_path / "user")
+    assert directories.check_replaceable(tmp_path / "absent") == str(tmp_path / "absent")
     # An HF directory counts as altjax's only when its safetensors say altjax wrote them.
-    assert checkpoint.is_altjax_output(tmp_path / "m") and not checkpoint.is_altjax_output(dirs / "hf")
-    with checkpoint.atomic_directory(tmp_path / "atomic") as tmp:
+    assert directories.is_altjax_output(tmp_path / "m") and not directories.is_altjax_output(dirs / "hf")
+    with directories.atomic_directory(tmp_path / "atomic") as tmp:
         open(os.path.join(tmp, "x.json"), "w").close()
     with pytest.raises(CheckpointError, match="not an output altjax wrote"):
-        with checkpoint.atomic_directory(tmp_path / "atomic", overwrite=True) as tmp:
+        with directories.atomic_directory(tmp_path / "atomic", overwrite=True) as tmp:
             raise AssertionError("the block must not run")
-    with checkpoint.atomic_directory(tmp_path / "atomic", overwrite=True, owned=lambda p: True) as tmp:
+    with directories.atomic_directory(tmp_path / "atomic", overwrite=True, owned=lambda p: True) as tmp:
         open(os.path.join(tmp, "y.json"), "w").close()
     assert os.listdir(tmp_path / "atomic") == ["y.json"]
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")], f"temporary directories left: {os.listdir(tmp_path)}"
@@ -267,7 +267,7 @@ def test_a_full_disk_gives_one_line_and_leaves_nothing(dirs, tmp_path, capsys, m
         model.save_pretrained(tmp_path / "jax")
     code, out, err = convert(capsys, "to-altjax", dirs / "hf", tmp_path / "out")
     monkeypatch.undo()
-    monkeypatch.setattr("altjax.safetensors_io.open", FullDisk, raising=False)  # the writer's; the orbax reader is tensorstore
+    monkeypatch.setattr("altjax.model_io.safetensors_io.open", FullDisk, raising=False)  # the writer's; the orbax reader is tensorstore
     with pytest.raises(OSError, match="No space left on device") as e:
         model.save_pretrained(tmp_path / "hf", format="hf")
     assert e.value.filename and e.value.filename.endswith("model.safetensors"), f"no file named: {e.value!r}"

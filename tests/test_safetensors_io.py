@@ -1,4 +1,4 @@
-"""altjax.safetensors_io against the safetensors package: same tensors both ways, clear errors."""
+"""altjax.model_io.safetensors_io against the safetensors package: same tensors both ways, clear errors."""
 import ml_dtypes
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as torch_load_file
 
-from altjax.safetensors_io import SafetensorsError, SafetensorsReader, write_safetensors
+from altjax.model_io.safetensors_io import SafetensorsError, SafetensorsReader, write_safetensors
 
 
 def tensors():

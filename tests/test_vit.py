@@ -6,6 +6,7 @@ PyTorch's bicubic resize 1.5e-6 on unit-normal grids (3 float32 ulps of the larg
 the largest reference gradient of each tensor; bf16 compute: cosine >= 0.999 to the fp32 reference;
 conversions bit-exact.
 """
+import functools
 import time
 
 import jax
@@ -16,10 +17,9 @@ import torch
 import transformers
 from flax import nnx
 
-from altjax.conversion import engine
-from altjax.conversion.clip import clip_vision_table
-from altjax.models.vit import CLIPVision, CLIPVisionConfig, torch_bicubic_matrix, torch_bicubic_resize
-from helpers import assert_close, assert_rel_close, assert_round_trip, cosine, torch_state
+from altjax.model_io import engine
+from altjax.models.vit import CLIPVision, CLIPVisionConfig, clip_vision_table, torch_bicubic_matrix, torch_bicubic_resize
+from helpers import assert_close, assert_rel_close, assert_round_trip, cosine, from_torch_state, torch_state
 
 # Tiny configurations: patch sizes 4, 8 and 7 (28 px), head widths 8 and 12, one to three layers,
 # odd MLP widths, exact-erf GELU instead of quick_gelu, a single-channel input, another LN eps.
@@ -65,11 +65,7 @@ def images(cfg, batch, size, seed):
     return x, x.numpy().transpose(0, 2, 3, 1)
 
 
-def convert_state(state, cfg, dtype=jnp.float32):
-    model = nnx.eval_shape(lambda: CLIPVision(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    engine.load_params(model, engine.torch_to_nnx(state, clip_vision_table(cfg), engine.model_shapes(model)))
-    nnx.reseed(model, default=0, dropout=0)  # the abstract model has no RNG keys yet
-    return model
+convert_state = functools.partial(from_torch_state, CLIPVision, table=clip_vision_table)
 
 
 def setup(name, seed, **overrides):

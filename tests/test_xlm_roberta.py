@@ -4,6 +4,8 @@ Tolerances (float32): hidden states and pooled output 1e-5 absolute (values are 
 LayerNorm); gradients 1e-4 relative to the largest reference gradient of each tensor; conversions
 bit-exact.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,10 +14,9 @@ import torch
 import transformers
 from flax import nnx
 
-from altjax.conversion import engine
-from altjax.conversion.xlm_roberta import xlm_roberta_table
-from altjax.models.xlm_roberta import AltCLIPText, XLMRobertaConfig, create_position_ids
-from helpers import assert_close, assert_rel_close, assert_round_trip, torch_state
+from altjax.model_io import engine
+from altjax.models.xlm_roberta import AltCLIPText, XLMRobertaConfig, create_position_ids, xlm_roberta_table
+from helpers import assert_close, assert_rel_close, assert_round_trip, from_torch_state, torch_state
 
 # Tiny configurations: widths, head counts, depths, odd intermediate sizes, another pad id (3, so
 # position ids start at 4), two token types, the tanh GELU.
@@ -77,10 +78,7 @@ def to_torch(inputs):
     return {k: torch.tensor(v) for k, v in inputs.items()}
 
 
-def convert_state(state, cfg):
-    model = AltCLIPText(cfg, rngs=nnx.Rngs(0))
-    engine.load_params(model, engine.torch_to_nnx(state, xlm_roberta_table(cfg), engine.model_shapes(model)))
-    return model
+convert_state = functools.partial(from_torch_state, AltCLIPText, table=xlm_roberta_table)
 
 
 def convert(torch_model, cfg):

@@ -32,12 +32,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from altjax import fsutil
+from altjax.evaluation.results import read_results, write_results
+from altjax.models import registry
 
 INDEX_FILE = "index.json"
 IMAGE_EMBEDS_FILE = "image_embeds.npy"
 TEXT_EMBEDS_FILE = "text_embeds.npy"
 INDEX_FORMAT = "altjax-embed/1"
-MODEL_TYPES = {"align": ("AlignModel", "AlignProcessor"), "altclip": ("AltCLIPModel", "AltCLIPProcessor")}
 DTYPES = ("float32", "bfloat16")
 SKIPPED_IMAGES = "skipped_images"
 STRICT_IMAGES_HELP = ("an unreadable image (a corrupt file) is an error, exit status 2; by default it is "
@@ -48,32 +49,20 @@ class CommandError(Exception):
     """An expected failure, reported as one line and exit status 2."""
 
 
-def checkpoint_model_type(path: str) -> str:
-    """The ``model_type`` of a model directory's config.json, checked to be ALIGN or AltCLIP."""
-    from altjax.checkpoint import read_config
-
-    model_type = read_config(path).get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise CommandError(f"{path}: model_type {model_type!r} in config.json is not one of {sorted(MODEL_TYPES)}")
-    return model_type
-
-
 def load_checkpoint(path: str, *, dtype: str = "float32"):
-    """``(model, processor, model_type)`` of an ALIGN or AltCLIP model directory, the classes
-    chosen by config.json's ``model_type``; the processor's files come from the same directory."""
+    """``(model, processor, model_type)`` of a model directory of any registered kind
+    (``altjax.models.registry``, by config.json's ``model_type``); the processor's files come from
+    the same directory."""
     import jax.numpy as jnp
 
-    import altjax
-
-    model_type = checkpoint_model_type(path)
-    model_class, processor_class = (getattr(altjax, name) for name in MODEL_TYPES[model_type])
-    model = model_class.from_pretrained(path, dtype=jnp.dtype(dtype))
+    kind = registry.of_directory(path)
+    model = kind.model.from_pretrained(path, dtype=jnp.dtype(dtype))
     try:
-        processor = processor_class.from_pretrained(path)
+        processor = kind.processor.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:
-        raise CommandError(f"{path}: cannot load the {processor_class} (tokenizer and image settings): "
+        raise CommandError(f"{path}: cannot load the {kind.processor.__name__} (tokenizer and image settings): "
                            f"{_one_line(e)}") from None
-    return model, processor, model_type
+    return model, processor, kind.model_type
 
 
 def _one_line(error: BaseException) -> str:
@@ -123,45 +112,12 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(line(row) for row in [header, *rows])
 
 
-def read_results(path: str) -> dict[str, Any]:
-    """The evaluations already in a results file (``{}`` if there is none); CommandError if the
-    file is something else, which is then never overwritten."""
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            results = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CommandError(f"{path}: exists and is not valid JSON ({e}); not overwriting it") from None
-    if not isinstance(results, dict):
-        raise CommandError(f"{path}: exists and is not a JSON object of evaluations; not overwriting it")
-    return results
-
-
-def write_results(path: str, results: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Merges ``results`` into the JSON object in ``path`` (created if absent); atomic replace."""
-    merged = {**read_results(path), **results}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = fsutil.make_temp_file(directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(merged, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return merged
-
-
 def _eval_parser() -> argparse.ArgumentParser:
     from altjax.evaluation.embed import DEFAULT_BATCH_SIZE
 
     parser = argparse.ArgumentParser(
         prog="altjax-eval",
-        description="Zero-shot classification or image-text retrieval metrics of an ALIGN / AltCLIP checkpoint.",
+        description="Zero-shot classification or image-text retrieval metrics of an ALIGN, AltCLIP or CLIP checkpoint.",
     )
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory (HF or altjax)")
     parser.add_argument("--task", required=True, choices=("zeroshot", "retrieval"))
@@ -199,7 +155,7 @@ def _eval(args) -> int:
         raise CommandError(f"--batch-size must be positive, got {args.batch_size}")
     if args.task == "retrieval" and (args.templates or args.classnames):
         raise CommandError("--templates and --classnames apply to --task zeroshot only")
-    checkpoint_model_type(args.checkpoint)
+    registry.of_directory(args.checkpoint)
     if args.output:
         read_results(args.output)  # an unusable output file fails now, not after the evaluation
     templates = get_templates(args.templates) if args.templates else None
@@ -314,7 +270,7 @@ def _embed_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="altjax-embed",
-        description="Embed a folder of images and/or a file of texts (one per line) with an ALIGN / AltCLIP "
+        description="Embed a folder of images and/or a file of texts (one per line) with an ALIGN, AltCLIP or CLIP "
                     "checkpoint, or search such an index with a text or an image.",
         epilog="build: altjax-embed --checkpoint DIR --images FOLDER --texts FILE --out OUTDIR\n"
                "search: altjax-embed --index OUTDIR --query 'a photo of a cat' [--top-k 5]",

@@ -159,29 +159,20 @@ def local_mesh(mesh: Mesh) -> Mesh:
 
 
 def max_text_length(model: nnx.Module) -> Optional[int]:
-    """The longest token sequence the model's text tower can position-embed (None: no config to tell).
-
-    XLM-R (AltCLIP) numbers positions from ``pad_token_id + 1``, so it takes
-    ``max_position_embeddings - pad_token_id - 1`` tokens; beyond that a lookup would silently
-    read past the table.
-    """
-    from altjax.models.xlm_roberta import XLMRobertaConfig
-
+    """The longest token sequence the model's text tower can position-embed (its text config's
+    ``max_text_length``; None: no config to tell)."""
     text = getattr(getattr(model, "config", None), "text_config", None)
-    if text is None:
-        return None
-    if isinstance(text, XLMRobertaConfig):
-        return text.max_position_embeddings - text.pad_token_id - 1
-    return text.max_position_embeddings
+    return None if text is None else text.max_text_length
 
 
 class Embedder:
     """Embeds images and texts with a dual encoder over a mesh, in fixed-size global batches.
 
     Args:
-      model: an ``AlignModel`` or ``AltCLIPModel`` (any NNX module with ``get_image_features`` and
-        ``get_text_features``). Its state is split once; later changes to ``model`` are not seen.
-      processor: the matching ``AlignProcessor`` / ``AltCLIPProcessor``.
+      model: an ``AlignModel``, ``AltCLIPModel`` or ``CLIPModel`` (any NNX module with
+        ``get_image_features`` and ``get_text_features``). Its state is split once; later changes
+        to ``model`` are not seen.
+      processor: the matching processor (``altjax.models.registry``).
       mesh: default ``make_mesh()`` over all devices. The batch is split over its batch axes.
       batch_size: the global batch, rounded up to a multiple of the batch-axis device count and
         capped at the data size (rounded the same way).

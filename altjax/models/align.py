@@ -9,7 +9,6 @@ cross-entropy with label smoothing 0.1.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Optional
 
 import jax
@@ -17,7 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from altjax import losses
-from altjax.models import inputs, layers
+from altjax.model_io.engine import Row, Table, linear_rows, prefixed
+from altjax.model_io.pretrained import PretrainedModel
+from altjax.models import bert, efficientnet, inputs, layers
 from altjax.models.bert import Bert, BertConfig
 from altjax.models.configuration import config_from_hf, config_to_hf
 from altjax.models.efficientnet import EfficientNet, EfficientNetConfig, round_filters
@@ -112,13 +113,35 @@ def _align_tiny() -> AlignConfig:
 PRESETS = {"align-base": _align_base, "align-tiny": _align_tiny}
 
 
-class AlignModel(nnx.Module):
+# --- transformers' state dict (``AlignModel``) ----------------------------------------------------
+# ALIGN's on-disk key names equal its ``state_dict()`` names, so the table needs no disk renames.
+
+HEAD = [*linear_rows("text_projection"), Row("temperature", "temperature")]
+
+
+def align_table(config: AlignConfig) -> Table:
+    """Every tensor of ``AlignModel``: the text tower under ``text_model.``, the vision tower under
+    ``vision_model.``, the text projection and the temperature."""
+    rows = (
+        prefixed(bert.bert_rows(config.text_config), "text_model.", "text_model.")
+        + prefixed(efficientnet.efficientnet_rows(config.vision_config), "vision_model.", "vision_model.")
+        + HEAD
+    )
+    # Older checkpoints still contain the text embeddings' non-persistent id buffers.
+    return Table(rows=tuple(rows), ignore=tuple(r"^text_model\." + p for p in bert.IGNORED_BUFFERS))
+
+
+class AlignModel(PretrainedModel, nnx.Module):
     """ALIGN dual encoder with the attribute names of transformers' ``AlignModel``.
 
     ``dtype`` is the compute dtype (``jnp.bfloat16`` for mixed precision); parameters are float32,
     and normalisation, logits and loss are computed in float32. Built in eval mode; ``train()``
     turns on dropout and BatchNorm batch statistics.
     """
+
+    model_type = MODEL_TYPE
+    config_class = AlignConfig
+    conversion_table = staticmethod(align_table)
 
     def __init__(self, config: AlignConfig, *, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None):
         vision = config.vision_config
@@ -131,8 +154,6 @@ class AlignModel(nnx.Module):
             )
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self.config = config
-        # The directory from_pretrained read, whose processor files save_pretrained copies along.
-        self.name_or_path: Optional[str] = None
         self.text_model = Bert(config.text_config, dtype=dtype, rngs=rngs)
         self.vision_model = EfficientNet(config.vision_config, dtype=dtype, rngs=rngs)
         # transformers initialises this projection with xavier_uniform and a zero bias.
@@ -242,35 +263,3 @@ class AlignModel(nnx.Module):
             vision_model_output=vision_out,
             loss=loss,
         )
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, seed: int = 0, mesh=None,
-                        rules=None, progress: bool = False) -> "AlignModel":
-        """Loads an ALIGN directory: HF (``config.json`` + safetensors, sharded safetensors or
-        ``pytorch_model.bin``) or altjax (``save_pretrained``). torch is needed only for ``.bin``.
-
-        ``dtype`` is the compute dtype (parameters stay float32); ``seed`` seeds the dropout streams.
-        With a ``mesh`` each parameter is placed directly in its ``altjax.sharding`` layout (``rules``
-        default to ``sharding.PARTITION_RULES``), with no full replica on any device.
-        Raises ``CheckpointError`` when the directory is not an ALIGN model and ``ConversionError``
-        naming every missing, unexpected or misshapen tensor.
-        """
-        from altjax import checkpoint
-        from altjax.conversion.align import align_table
-
-        def build(d: dict[str, Any]):
-            config = AlignConfig.from_hf(d)
-            return config, lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(seed))
-
-        return checkpoint.load_model(path, model_type=MODEL_TYPE, build=build, table=align_table, seed=seed,
-                                     mesh=mesh, rules=rules, progress=progress)
-
-    def save_pretrained(self, path: str | os.PathLike, *, format: str = "altjax", max_shard_size="50GB",
-                        overwrite: bool = False, progress: bool = False) -> str:
-        """Writes an altjax (orbax) or, with ``format="hf"``, a transformers ``AlignModel`` directory,
-        atomically; see ``altjax.checkpoint.save_model``."""
-        from altjax import checkpoint
-        from altjax.conversion.align import align_table
-
-        return checkpoint.save_model(self, path, format=format, table=align_table, max_shard_size=max_shard_size,
-                                     overwrite=overwrite, progress=progress)

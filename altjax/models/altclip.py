@@ -4,31 +4,28 @@ Port of transformers' ``AltCLIPModel``. The image embedding is ``visual_projecti
 the vision tower's pooled output (``post_layernorm`` of the CLS token); the text embedding is
 ``text_projection`` (no bias) of the text tower's pooled output (token 0 of
 ``transformation(pre_LN(h))``). Logits are cosine similarities times ``exp(logit_scale)`` (no clamp)
-and the loss is the plain symmetric cross-entropy.
+and the loss is the plain symmetric cross-entropy; everything but the text tower is CLIP's
+(``altjax.models.dual_encoder``).
 """
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any, Optional
+from typing import Optional
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
-from altjax.models import heads, inputs, layers
-from altjax.models.configuration import config_to_hf, dual_encoder_config_from_hf
+from altjax.model_io.engine import Row, Table, linear_rows, prefixed
+from altjax.models import vit, xlm_roberta
+from altjax.models.dual_encoder import DualEncoder, DualEncoderConfig
 from altjax.models.outputs import DualEncoderOutput
-from altjax.models.vit import CLIPVision, CLIPVisionConfig
+from altjax.models.vit import CLIPVisionConfig
 from altjax.models.xlm_roberta import AltCLIPText, XLMRobertaConfig
 
 MODEL_TYPE = "altclip"
-TEXT_MODEL_TYPE = "altclip_text_model"
-VISION_MODEL_TYPE = "altclip_vision_model"
 
 
 @dataclasses.dataclass(frozen=True)
-class AltCLIPConfig:
+class AltCLIPConfig(DualEncoderConfig):
     """HF ``AltCLIPConfig``: the two tower configs, projection width and initial logit scale.
 
     The class defaults are transformers' (ViT-B/32 vision, XLM-R large text); the released AltCLIP
@@ -36,32 +33,13 @@ class AltCLIPConfig:
     """
 
     text_config: XLMRobertaConfig = dataclasses.field(default_factory=XLMRobertaConfig)
-    vision_config: CLIPVisionConfig = dataclasses.field(default_factory=CLIPVisionConfig)
     projection_dim: int = 768
-    logit_scale_init_value: float = 2.6592
-    initializer_factor: float = 1.0
-    # Left out of the hash so that the config (a static attribute of the module) stays hashable.
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
-    @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> "AltCLIPConfig":
-        """From an HF ``AltCLIPConfig`` dict (``config.json``); other keys go to ``extra``.
-
-        Legacy ``text_config_dict`` / ``vision_config_dict`` are merged as transformers does: every
-        tower field then comes from the legacy dict (or its default), other keys of
-        ``text_config`` / ``vision_config`` are kept.
-        """
-        return dual_encoder_config_from_hf(cls, d, model_type=MODEL_TYPE, text_cls=XLMRobertaConfig,
-                                           vision_cls=CLIPVisionConfig, what="an AltCLIP")
-
-    def to_hf(self) -> dict[str, Any]:
-        """The HF config dict; ``from_hf(d).to_hf() == d`` for a dict written by transformers."""
-        d = config_to_hf(self)
-        # Configs built in Python (presets) have no model_type in ``extra``; transformers needs it.
-        d.setdefault("model_type", MODEL_TYPE)
-        d["text_config"].setdefault("model_type", TEXT_MODEL_TYPE)
-        d["vision_config"].setdefault("model_type", VISION_MODEL_TYPE)
-        return d
+    model_type = MODEL_TYPE
+    text_model_type = xlm_roberta.MODEL_TYPE
+    vision_model_type = "altclip_vision_model"
+    text_config_class = XLMRobertaConfig
+    described_as = "an AltCLIP"
 
     @classmethod
     def from_preset(cls, name: str) -> "AltCLIPConfig":
@@ -113,56 +91,58 @@ def _altclip_tiny() -> AltCLIPConfig:
 PRESETS = {"altclip": _altclip, "altclip-b32": _altclip_b32, "altclip-tiny": _altclip_tiny}
 
 
-class AltCLIPModel(nnx.Module):
+# --- transformers' state dict (``AltCLIPModel``) --------------------------------------------------
+# Rows use the in-memory spelling (``encoder.layers.{i}`` in both towers). transformers registers the
+# rename ``layer.`` -> ``layers.`` for AltCLIP on load and reverts it for every key on save, so:
+#
+# * the Hub layout (text ``encoder.layer.{i}``, vision ``encoder.layers.{i}``), the transformers-5
+#   layout (``layer.`` in both towers) and the in-memory layout all load (``ALIASES``);
+# * export writes what transformers 5's ``save_pretrained`` writes, ``layer.`` in both towers
+#   (``DISK_RENAMES``), which transformers 4 and 5 both load.
+
+HEAD = [*linear_rows("visual_projection", bias=False), *linear_rows("text_projection", bias=False),
+        Row("logit_scale", "logit_scale")]
+
+# transformers' own rule for model_type "altclip" (conversion_mapping.py), applied to every key.
+ALIASES = ((r"layer\.", "layers."),)
+DISK_RENAMES = ((r"layers\.", "layer."),)
+
+# The towers' non-persistent buffers (position/token-type ids) that old checkpoints may contain.
+IGNORED_BUFFERS = tuple(r"^text_model\.roberta\." + p for p in xlm_roberta.IGNORED_BUFFERS) + tuple(
+    r"^vision_model\." + p for p in vit.IGNORED_BUFFERS
+)
+
+
+def altclip_table(config: AltCLIPConfig) -> Table:
+    """Every tensor of ``AltCLIPModel``: the text tower under ``text_model.``, the vision tower
+    under ``vision_model.``, both projections and the logit scale."""
+    rows = (
+        prefixed(xlm_roberta.xlm_roberta_rows(config.text_config), "text_model.", "text_model.")
+        + prefixed(vit.clip_vision_rows(config.vision_config), "vision_model.", "vision_model.")
+        + HEAD
+    )
+    return Table(rows=tuple(rows), aliases=ALIASES, ignore=IGNORED_BUFFERS, disk_renames=DISK_RENAMES)
+
+
+class AltCLIPModel(DualEncoder):
     """AltCLIP dual encoder with the attribute names of transformers' ``AltCLIPModel``.
 
     ``dtype`` is the compute dtype (``jnp.bfloat16`` for mixed precision); parameters are float32,
     and normalisation, logits and loss are computed in float32. Built in eval mode; ``train()``
-    turns dropout on.
+    turns dropout on. ``from_pretrained`` reads both HF key spellings: the Hub's (text
+    ``encoder.layer.{i}``, vision ``encoder.layers.{i}``) and transformers 5's (``layer.`` for both).
     """
 
-    def __init__(self, config: AltCLIPConfig, *, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None):
-        rngs = nnx.Rngs(0) if rngs is None else rngs
-        self.config = config
-        # The directory from_pretrained read, whose processor files save_pretrained copies along.
-        self.name_or_path: Optional[str] = None
-        self.text_model = AltCLIPText(config.text_config, dtype=dtype, rngs=rngs)
-        self.vision_model = CLIPVision(config.vision_config, dtype=dtype, rngs=rngs)
-        factor = config.initializer_factor
-        self.visual_projection = heads.projection(
-            config.vision_config.hidden_size, config.projection_dim, factor, dtype=dtype, rngs=rngs
-        )
-        self.text_projection = heads.projection(
-            config.text_config.project_dim, config.projection_dim, factor, dtype=dtype, rngs=rngs
-        )
-        self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, dtype=jnp.float32))
+    model_type = MODEL_TYPE
+    config_class = AltCLIPConfig
+    conversion_table = staticmethod(altclip_table)
+    text_tower = AltCLIPText
+    roberta_positions = True
 
-    def _check_text(self, input_ids, attention_mask, token_type_ids, position_ids):
-        inputs.check_text(type(self).__name__, self.config.text_config, input_ids, attention_mask, token_type_ids,
-                          position_ids, roberta_positions=True)
-
-    def _check_pixels(self, pixel_values, interpolate_pos_encoding):
-        vision = self.config.vision_config
-        inputs.check_pixels(type(self).__name__, pixel_values, vision.num_channels, nchw=True,
-                            image_size=None if interpolate_pos_encoding else vision.image_size)
-
-    def _text(self, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states=False):
-        out = self.text_model.forward(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            output_hidden_states=output_hidden_states,
-        )
-        return out, self.text_projection(out.pooler_output)
-
-    def _vision(self, pixel_values, interpolate_pos_encoding=False, output_hidden_states=False):
-        out = self.vision_model.forward(
-            layers.to_nhwc(pixel_values, self.config.vision_config.num_channels),
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_hidden_states=output_hidden_states,
-        )
-        return out, self.visual_projection(out.pooler_output)
+    @staticmethod
+    def text_features_dim(text_config: XLMRobertaConfig) -> int:
+        # AltCLIP's text tower ends in ``transformation``, to project_dim.
+        return text_config.project_dim
 
     def get_text_features(
         self,
@@ -177,17 +157,9 @@ class AltCLIPModel(nnx.Module):
         Unlike transformers, which returns the text model's output object with these features in
         ``pooler_output``, this returns the array itself.
         """
-        self._check_text(input_ids, attention_mask, token_type_ids, position_ids)
-        return self._text(input_ids, attention_mask, token_type_ids, position_ids)[1]
-
-    def get_image_features(self, pixel_values: jax.Array, interpolate_pos_encoding: bool = False) -> jax.Array:
-        """Unnormalised image features ``visual_projection(post_layernorm(CLS))``, shape (B, projection_dim).
-
-        ``pixel_values`` are NHWC (B, H, W, 3); NCHW (B, 3, H, W) is also accepted (see ``__call__``).
-        Unlike transformers, which returns the vision model's output object, this returns the array.
-        """
-        self._check_pixels(pixel_values, interpolate_pos_encoding)
-        return self._vision(pixel_values, interpolate_pos_encoding)[1]
+        self._check_text(input_ids, attention_mask, position_ids, token_type_ids)
+        return self._text(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                          position_ids=position_ids)[1]
 
     def __call__(
         self,
@@ -220,52 +192,7 @@ class AltCLIPModel(nnx.Module):
         index). ``text_model_output.last_hidden_state`` is the transformed sequence (B, L,
         project_dim); ``vision_model_output.last_hidden_state`` is (B, N+1, D), not post-normed.
         """
-        inputs.check_pairs(type(self).__name__, input_ids, pixel_values, return_loss)
-        self._check_pixels(pixel_values, interpolate_pos_encoding)
-        self._check_text(input_ids, attention_mask, token_type_ids, position_ids)
-        vision_out, image_features = self._vision(pixel_values, interpolate_pos_encoding, output_hidden_states)
-        text_out, text_features = self._text(
-            input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states
-        )
-        return heads.contrastive_output(
-            image_features,
-            text_features,
-            self.logit_scale[...],
-            vision_model_output=vision_out,
-            text_model_output=text_out,
-            return_loss=return_loss,
-        )
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, seed: int = 0, mesh=None,
-                        rules=None, progress: bool = False) -> "AltCLIPModel":
-        """Loads an AltCLIP directory: HF (``config.json`` + safetensors, sharded safetensors or
-        ``pytorch_model.bin``) or altjax (``save_pretrained``). torch is needed only for ``.bin``.
-
-        ``dtype`` is the compute dtype (parameters stay float32); ``seed`` seeds the dropout streams.
-        With a ``mesh`` each parameter is placed directly in its ``altjax.sharding`` layout (``rules``
-        default to ``sharding.PARTITION_RULES``), with no full replica on any device.
-        Both HF key spellings load: the Hub's (text ``encoder.layer.{i}``, vision
-        ``encoder.layers.{i}``) and transformers 5's (``layer.`` for both).
-        Raises ``CheckpointError`` when the directory is not an AltCLIP model and ``ConversionError``
-        naming every missing, unexpected or misshapen tensor.
-        """
-        from altjax import checkpoint
-        from altjax.conversion.altclip import altclip_table
-
-        def build(d: dict[str, Any]):
-            config = AltCLIPConfig.from_hf(d)
-            return config, lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(seed))
-
-        return checkpoint.load_model(path, model_type=MODEL_TYPE, build=build, table=altclip_table, seed=seed,
-                                     mesh=mesh, rules=rules, progress=progress)
-
-    def save_pretrained(self, path: str | os.PathLike, *, format: str = "altjax", max_shard_size="50GB",
-                        overwrite: bool = False, progress: bool = False) -> str:
-        """Writes an altjax (orbax) or, with ``format="hf"``, a transformers ``AltCLIPModel`` directory,
-        atomically; see ``altjax.checkpoint.save_model``."""
-        from altjax import checkpoint
-        from altjax.conversion.altclip import altclip_table
-
-        return checkpoint.save_model(self, path, format=format, table=altclip_table, max_shard_size=max_shard_size,
-                                     overwrite=overwrite, progress=progress)
+        text_arguments = dict(attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids)
+        return self._forward(input_ids, pixel_values, text_arguments, return_loss=return_loss,
+                             interpolate_pos_encoding=interpolate_pos_encoding,
+                             output_hidden_states=output_hidden_states)

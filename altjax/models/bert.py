@@ -3,8 +3,8 @@
 Post-LayerNorm transformer encoder: word + position + token-type embeddings, LayerNorm, dropout;
 then ``num_hidden_layers`` layers of self-attention and a feed-forward block, each followed by
 dropout and ``LayerNorm(x + residual)``. Module attribute names mirror the PyTorch module names
-(``embeddings.LayerNorm``, ``encoder.layer[i].attention.self.query``, ...) so that the conversion
-table in ``altjax/conversion/bert.py`` reads as a plain rename.
+(``embeddings.LayerNorm``, ``encoder.layer[i].attention.self.query``, ...) so that the table of
+transformers' state dict at the end of this file reads as a plain rename.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from altjax.model_io.engine import Row, Table, embedding_rows, layer_norm_rows, linear_rows, repeated
 from altjax.models import inputs, layers
 from altjax.models.configuration import config_from_hf, config_to_hf
 from altjax.models.outputs import TowerOutput
@@ -47,6 +48,11 @@ class BertConfig:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
             )
+
+    @property
+    def max_text_length(self) -> int:
+        """The longest token sequence the tower can position-embed."""
+        return self.max_position_embeddings
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "BertConfig":
@@ -211,3 +217,42 @@ class Bert(nnx.Module):
             pooler_output=self.pooler(h),
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
         )
+
+
+# --- transformers' state dict (``AlignTextModel`` / ``BertModel``) --------------------------------
+# Keys relative to the tower; a dual encoder places them under its prefix with ``engine.prefixed``.
+# The legacy ``LayerNorm.gamma`` / ``beta`` spellings are handled by the engine.
+
+EMBEDDINGS = [
+    *embedding_rows("embeddings.word_embeddings"),
+    *embedding_rows("embeddings.position_embeddings"),
+    *embedding_rows("embeddings.token_type_embeddings"),
+    *layer_norm_rows("embeddings.LayerNorm"),
+]
+
+# One encoder layer; "{i}" is the layer index.
+LAYER = [
+    *linear_rows("encoder.layer.{i}.attention.self.query"),
+    *linear_rows("encoder.layer.{i}.attention.self.key"),
+    *linear_rows("encoder.layer.{i}.attention.self.value"),
+    *linear_rows("encoder.layer.{i}.attention.output.dense"),
+    *layer_norm_rows("encoder.layer.{i}.attention.output.LayerNorm"),
+    *linear_rows("encoder.layer.{i}.intermediate.dense"),
+    *linear_rows("encoder.layer.{i}.output.dense"),
+    *layer_norm_rows("encoder.layer.{i}.output.LayerNorm"),
+]
+
+POOLER = linear_rows("pooler.dense")
+
+# Non-persistent buffers of the embeddings that older checkpoints still contain (relative keys).
+IGNORED_BUFFERS = (r"embeddings\.position_ids$", r"embeddings\.token_type_ids$")
+
+
+def bert_rows(config: BertConfig) -> list[Row]:
+    """Every tensor of the text tower, keys relative to it (``embeddings.word_embeddings.weight``, ...)."""
+    return EMBEDDINGS + repeated(LAYER, config.num_hidden_layers) + POOLER
+
+
+def bert_table(config: BertConfig) -> Table:
+    """The table of a standalone text tower (an ``AlignTextModel`` or ``BertModel`` state dict)."""
+    return Table(rows=tuple(bert_rows(config)), ignore=IGNORED_BUFFERS)

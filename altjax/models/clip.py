@@ -3,8 +3,8 @@
 Port of transformers' ``CLIPModel``. The image embedding is ``visual_projection`` (no bias) of the
 vision tower's pooled output (``post_layernorm`` of the CLS token); the text embedding is
 ``text_projection`` (no bias) of the text tower's pooled output (``final_layer_norm`` at the
-end-of-text token). The head is AltCLIP's (``altjax.models.heads``): cosine logits times
-``exp(logit_scale)`` without clamp, plain symmetric cross-entropy.
+end-of-text token). Everything but the text tower is AltCLIP's (``altjax.models.dual_encoder``):
+cosine logits times ``exp(logit_scale)`` without clamp, plain symmetric cross-entropy.
 
 In altjax CLIP is AltCLIP's distillation teacher: ``CLIPModel.text_teacher()`` is the text tower and
 ``text_projection`` as a ``CLIPTextTeacher``, sharing this model's parameters.
@@ -12,26 +12,23 @@ In altjax CLIP is AltCLIP's distillation teacher: ``CLIPModel.text_teacher()`` i
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any, Optional
+from typing import Optional
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from altjax.models import heads, inputs, layers
+from altjax.model_io.engine import Row, Table, linear_rows, prefixed
+from altjax.models import clip_text, vit
 from altjax.models.clip_text import CLIPText, CLIPTextConfig, CLIPTextTeacher
-from altjax.models.configuration import config_to_hf, dual_encoder_config_from_hf
-from altjax.models.outputs import DualEncoderOutput
-from altjax.models.vit import CLIPVision, CLIPVisionConfig
+from altjax.models.dual_encoder import DualEncoder, DualEncoderConfig
+from altjax.models.outputs import DualEncoderOutput, TowerOutput
+from altjax.models.vit import CLIPVisionConfig
 
 MODEL_TYPE = "clip"
-TEXT_MODEL_TYPE = "clip_text_model"
-VISION_MODEL_TYPE = "clip_vision_model"
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPConfig:
+class CLIPConfig(DualEncoderConfig):
     """HF ``CLIPConfig``: the two tower configs, projection width and initial logit scale.
 
     The class defaults are transformers' (openai/clip-vit-base-patch32's architecture). The width
@@ -40,32 +37,13 @@ class CLIPConfig:
     """
 
     text_config: CLIPTextConfig = dataclasses.field(default_factory=CLIPTextConfig)
-    vision_config: CLIPVisionConfig = dataclasses.field(default_factory=CLIPVisionConfig)
     projection_dim: int = 512
-    logit_scale_init_value: float = 2.6592
-    initializer_factor: float = 1.0
-    # Left out of the hash so that the config (a static attribute of the module) stays hashable.
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
-    @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> "CLIPConfig":
-        """From an HF ``CLIPConfig`` dict (``config.json``); other keys go to ``extra``.
-
-        Legacy ``text_config_dict`` / ``vision_config_dict`` are merged as transformers does: every
-        tower field then comes from the legacy dict (or its default), other keys of
-        ``text_config`` / ``vision_config`` are kept.
-        """
-        return dual_encoder_config_from_hf(cls, d, model_type=MODEL_TYPE, text_cls=CLIPTextConfig,
-                                           vision_cls=CLIPVisionConfig, what="a CLIP")
-
-    def to_hf(self) -> dict[str, Any]:
-        """The HF config dict; ``from_hf(d).to_hf() == d`` for a dict written by transformers."""
-        d = config_to_hf(self)
-        # Configs built in Python (presets) have no model_type in ``extra``; transformers needs it.
-        d.setdefault("model_type", MODEL_TYPE)
-        d["text_config"].setdefault("model_type", TEXT_MODEL_TYPE)
-        d["vision_config"].setdefault("model_type", VISION_MODEL_TYPE)
-        return d
+    model_type = MODEL_TYPE
+    text_model_type = clip_text.MODEL_TYPE
+    vision_model_type = vit.MODEL_TYPE
+    text_config_class = CLIPTextConfig
+    described_as = "a CLIP"
 
     @classmethod
     def from_preset(cls, name: str) -> "CLIPConfig":
@@ -117,7 +95,28 @@ def _clip_tiny() -> CLIPConfig:
 PRESETS = {"clip-vit-b32": _clip_vit_b32, "clip-vit-l14": _clip_vit_l14, "clip-tiny": _clip_tiny}
 
 
-class CLIPModel(nnx.Module):
+# --- transformers' state dict (``CLIPModel``) -----------------------------------------------------
+# transformers has no key renames for CLIP, so its files hold the state-dict spelling.
+
+HEAD = [*linear_rows("visual_projection", bias=False), *linear_rows("text_projection", bias=False),
+        Row("logit_scale", "logit_scale")]
+
+
+def clip_table(config: CLIPConfig) -> Table:
+    """Every tensor of ``CLIPModel``: the text tower under ``text_model.``, the vision tower under
+    ``vision_model.``, both projections and the logit scale. Stale ``position_ids`` buffers of
+    either tower are ignored on import."""
+    rows = (
+        prefixed(clip_text.clip_text_rows(config.text_config), "text_model.", "text_model.")
+        + prefixed(vit.clip_vision_rows(config.vision_config), "vision_model.", "vision_model.")
+        + HEAD
+    )
+    ignore = tuple(rf"^text_model\.{p}" for p in clip_text.IGNORED_BUFFERS)
+    ignore += tuple(rf"^vision_model\.{p}" for p in vit.IGNORED_BUFFERS)
+    return Table(rows=tuple(rows), ignore=ignore)
+
+
+class CLIPModel(DualEncoder):
     """CLIP dual encoder with the attribute names of transformers' ``CLIPModel``.
 
     ``dtype`` is the compute dtype (``jnp.bfloat16`` for mixed precision); parameters are float32,
@@ -125,46 +124,10 @@ class CLIPModel(nnx.Module):
     turns attention dropout on (zero in every released CLIP config).
     """
 
-    def __init__(self, config: CLIPConfig, *, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None):
-        rngs = nnx.Rngs(0) if rngs is None else rngs
-        self.config = config
-        # The directory from_pretrained read, whose processor files save_pretrained copies along.
-        self.name_or_path: Optional[str] = None
-        self.text_model = CLIPText(config.text_config, dtype=dtype, rngs=rngs)
-        self.vision_model = CLIPVision(config.vision_config, dtype=dtype, rngs=rngs)
-        factor = config.initializer_factor
-        self.visual_projection = heads.projection(
-            config.vision_config.hidden_size, config.projection_dim, factor, dtype=dtype, rngs=rngs
-        )
-        self.text_projection = heads.projection(
-            config.text_config.hidden_size, config.projection_dim, factor, dtype=dtype, rngs=rngs
-        )
-        self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, dtype=jnp.float32))
-
-    def _check_text(self, input_ids, attention_mask, position_ids):
-        inputs.check_text(type(self).__name__, self.config.text_config, input_ids, attention_mask, None, position_ids)
-
-    def _check_pixels(self, pixel_values, interpolate_pos_encoding):
-        vision = self.config.vision_config
-        inputs.check_pixels(type(self).__name__, pixel_values, vision.num_channels, nchw=True,
-                            image_size=None if interpolate_pos_encoding else vision.image_size)
-
-    def _text(self, input_ids, attention_mask, position_ids, output_hidden_states=False):
-        out = self.text_model.forward(
-            input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=output_hidden_states,
-        )
-        return out, self.text_projection(out.pooler_output)
-
-    def _vision(self, pixel_values, interpolate_pos_encoding=False, output_hidden_states=False):
-        out = self.vision_model.forward(
-            layers.to_nhwc(pixel_values, self.config.vision_config.num_channels),
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_hidden_states=output_hidden_states,
-        )
-        return out, self.visual_projection(out.pooler_output)
+    model_type = MODEL_TYPE
+    config_class = CLIPConfig
+    conversion_table = staticmethod(clip_table)
+    text_tower = CLIPText
 
     def get_text_features(
         self,
@@ -180,16 +143,7 @@ class CLIPModel(nnx.Module):
         (``position_ids`` third; CLIP has no token types).
         """
         self._check_text(input_ids, attention_mask, position_ids)
-        return self._text(input_ids, attention_mask, position_ids)[1]
-
-    def get_image_features(self, pixel_values: jax.Array, interpolate_pos_encoding: bool = False) -> jax.Array:
-        """Unnormalised image features ``visual_projection(post_layernorm(CLS))``, shape (B, projection_dim).
-
-        ``pixel_values`` are NHWC (B, H, W, 3); NCHW (B, 3, H, W) is also accepted (see ``__call__``).
-        Unlike transformers, which returns the vision model's output object, this returns the array.
-        """
-        self._check_pixels(pixel_values, interpolate_pos_encoding)
-        return self._vision(pixel_values, interpolate_pos_encoding)[1]
+        return self._text(input_ids, attention_mask=attention_mask, position_ids=position_ids)[1]
 
     def __call__(
         self,
@@ -223,21 +177,14 @@ class CLIPModel(nnx.Module):
         transformers 5, both towers' ``pooler_output`` are the unnormalised projected features
         (``get_text_features`` / ``get_image_features``), not the towers' pooled states.
         """
-        inputs.check_pairs(type(self).__name__, input_ids, pixel_values, return_loss)
-        self._check_pixels(pixel_values, interpolate_pos_encoding)
-        self._check_text(input_ids, attention_mask, position_ids)
-        vision_out, image_features = self._vision(pixel_values, interpolate_pos_encoding, output_hidden_states)
-        text_out, text_features = self._text(input_ids, attention_mask, position_ids, output_hidden_states)
+        return self._forward(input_ids, pixel_values, dict(attention_mask=attention_mask, position_ids=position_ids),
+                             return_loss=return_loss, interpolate_pos_encoding=interpolate_pos_encoding,
+                             output_hidden_states=output_hidden_states)
+
+    def _tower_outputs(self, vision_out: TowerOutput, image_features, text_out: TowerOutput, text_features):
         # transformers 5's CLIPModel.forward reuses get_*_features' outputs, whose pooler_output is
         # the projected features (AltCLIPModel keeps the towers' own).
-        return heads.contrastive_output(
-            image_features,
-            text_features,
-            self.logit_scale[...],
-            vision_model_output=vision_out.replace(pooler_output=image_features),
-            text_model_output=text_out.replace(pooler_output=text_features),
-            return_loss=return_loss,
-        )
+        return vision_out.replace(pooler_output=image_features), text_out.replace(pooler_output=text_features)
 
     def text_teacher(self) -> CLIPTextTeacher:
         """The text tower and ``text_projection`` as a ``CLIPTextTeacher`` (AltCLIP's distillation
@@ -254,36 +201,3 @@ class CLIPModel(nnx.Module):
         teacher.text_model = self.text_model
         teacher.text_projection = self.text_projection
         return teacher
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, seed: int = 0, mesh=None,
-                        rules=None, progress: bool = False) -> "CLIPModel":
-        """Loads a CLIP directory: HF (``config.json`` + safetensors, sharded safetensors or
-        ``pytorch_model.bin``) or altjax (``save_pretrained``). torch is needed only for ``.bin``.
-
-        ``dtype`` is the compute dtype (parameters stay float32); ``seed`` seeds the dropout streams.
-        With a ``mesh`` each parameter is placed directly in its ``altjax.sharding`` layout (``rules``
-        default to ``sharding.PARTITION_RULES``), with no full replica on any device. Stale
-        ``position_ids`` buffers of older checkpoints are ignored.
-        Raises ``CheckpointError`` when the directory is not a CLIP model and ``ConversionError``
-        naming every missing, unexpected or misshapen tensor.
-        """
-        from altjax import checkpoint
-        from altjax.conversion.clip import clip_table
-
-        def build(d: dict[str, Any]):
-            config = CLIPConfig.from_hf(d)
-            return config, lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(seed))
-
-        return checkpoint.load_model(path, model_type=MODEL_TYPE, build=build, table=clip_table, seed=seed,
-                                     mesh=mesh, rules=rules, progress=progress)
-
-    def save_pretrained(self, path: str | os.PathLike, *, format: str = "altjax", max_shard_size="50GB",
-                        overwrite: bool = False, progress: bool = False) -> str:
-        """Writes an altjax (orbax) or, with ``format="hf"``, a transformers ``CLIPModel`` directory,
-        atomically; see ``altjax.checkpoint.save_model``."""
-        from altjax import checkpoint
-        from altjax.conversion.clip import clip_table
-
-        return checkpoint.save_model(self, path, format=format, table=clip_table, max_shard_size=max_shard_size,
-                                     overwrite=overwrite, progress=progress)

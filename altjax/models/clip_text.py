@@ -1,29 +1,30 @@
 """CLIP's text transformer, the distillation teacher of AltCLIP (transformers' ``CLIPTextModel``).
 
-Token + position embeddings (no LayerNorm, no dropout), the pre-LN encoder layers of the CLIP vision
-tower (``altjax.models.vit.CLIPEncoder``) under a causal mask, ``final_layer_norm`` on every token,
-and a pooled output taken at the end-of-text token. ``CLIPTextTeacher`` adds CLIP's
+Token + position embeddings (no LayerNorm, no dropout), the pre-LN encoder layers shared with the
+CLIP vision tower (``altjax.models.clip_transformer.CLIPEncoder``) under a causal mask,
+``final_layer_norm`` on every token, and a pooled output taken at the end-of-text token. ``CLIPTextTeacher`` adds CLIP's
 ``text_projection`` (no bias): its projected pooled output is the target AltCLIP's phase-1
 distillation regresses onto.
 
 Attribute names mirror the PyTorch modules (``text_model.embeddings.token_embedding``,
-``text_model.encoder.layers[i].self_attn.q_proj``, ``text_projection``) so that the tables in
-``altjax/conversion/clip.py`` read as a plain rename.
+``text_model.encoder.layers[i].self_attn.q_proj``, ``text_projection``) so that the tables of
+transformers' state dicts at the end of this file read as a plain rename.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from altjax.model_io.engine import Row, Table, embedding_rows, layer_norm_rows, linear_rows, prefixed
+from altjax.model_io.pretrained import PretrainedModel
 from altjax.models import inputs, layers
+from altjax.models.clip_transformer import CLIPEncoder, encoder_rows
 from altjax.models.configuration import config_from_hf, config_to_hf
 from altjax.models.outputs import TowerOutput
-from altjax.models.vit import CLIPEncoder
 
 MODEL_TYPE = "clip_text_model"
 CLIP_MODEL_TYPE = "clip"
@@ -67,6 +68,11 @@ class CLIPTextConfig:
             )
         if not isinstance(self.eos_token_id, int):
             raise ValueError(f"eos_token_id must be one int (the pooled token), got {self.eos_token_id!r}")
+
+    @property
+    def max_text_length(self) -> int:
+        """The longest token sequence the tower can position-embed."""
+        return self.max_position_embeddings
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "CLIPTextConfig":
@@ -159,12 +165,53 @@ class CLIPText(nnx.Module):
         )
 
 
-class CLIPTextTeacher(nnx.Module):
+# --- transformers' state dicts (``CLIPTextModel``, ``CLIPTextModelWithProjection``) ---------------
+# Keys relative to the tower: ``embeddings.*``, ``encoder.layers.{i}.*``, ``final_layer_norm.*``.
+
+EMBEDDINGS = [*embedding_rows("embeddings.token_embedding"), *embedding_rows("embeddings.position_embedding")]
+HEAD = layer_norm_rows("final_layer_norm")
+# The embeddings' non-persistent ``position_ids`` buffer, which older checkpoints still contain.
+IGNORED_BUFFERS = (r"embeddings\.position_ids$",)
+# What a CLIPModel checkpoint holds besides the teacher (text tower + text_projection).
+NOT_TEACHER = (r"^vision_model\.", r"^visual_projection\.", r"^logit_scale$")
+
+
+def clip_text_rows(config: CLIPTextConfig) -> list[Row]:
+    """Every tensor of the text tower, keys relative to it (``embeddings.token_embedding.weight``, ...)."""
+    return EMBEDDINGS + encoder_rows(config.num_hidden_layers) + HEAD
+
+
+def clip_text_table(config: CLIPTextConfig) -> Table:
+    """The table of a standalone ``CLIPTextModel`` state dict."""
+    return Table(rows=tuple(clip_text_rows(config)), ignore=IGNORED_BUFFERS)
+
+
+def clip_teacher_table(config: CLIPTextConfig) -> Table:
+    """``CLIPTextTeacher`` from a ``CLIPModel`` or ``CLIPTextModelWithProjection`` checkpoint.
+
+    Reads ``text_model.*`` and ``text_projection.weight``; the vision tower, ``visual_projection``,
+    ``logit_scale`` and stale ``position_ids`` buffers of a CLIPModel checkpoint are ignored (and so
+    are not written back on export).
+    """
+    rows = prefixed(clip_text_rows(config), "text_model.", "text_model.") + linear_rows("text_projection", bias=False)
+    return Table(rows=tuple(rows), ignore=NOT_TEACHER + IGNORED_BUFFERS)
+
+
+class CLIPTextTeacher(PretrainedModel, nnx.Module):
     """CLIP's text tower and ``text_projection``: the teacher of AltCLIP's distillation.
 
     Equivalent to transformers' ``CLIPTextModelWithProjection`` (and to the text half of
     ``CLIPModel``). ``dtype`` is the compute dtype; parameters are float32.
+
+    ``from_pretrained`` reads a ``CLIPTextModelWithProjection`` directory (model_type
+    ``"clip_text_model"``) and a ``CLIPModel`` one (``"clip"``: its ``text_config`` with the
+    top-level ``projection_dim``; the vision tower is not read).
     """
+
+    model_type = MODEL_TYPE
+    also_reads = (CLIP_MODEL_TYPE,)
+    config_class = CLIPTextConfig
+    conversion_table = staticmethod(clip_teacher_table)
 
     def __init__(self, config: CLIPTextConfig, *, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None):
         rngs = nnx.Rngs(0) if rngs is None else rngs
@@ -206,25 +253,10 @@ class CLIPTextTeacher(nnx.Module):
         return self.text_projection(self.text_model.forward(input_ids, attention_mask, position_ids).pooler_output)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, seed: int = 0) -> "CLIPTextTeacher":
-        """Loads the teacher from an HF directory (``config.json`` + ``model.safetensors``); no torch needed.
-
-        Accepts a ``CLIPModel`` checkpoint (model_type ``"clip"``: its ``text_config``, with the
-        top-level ``projection_dim``; the vision tower is not read) and a
-        ``CLIPTextModelWithProjection`` checkpoint (model_type ``"clip_text_model"``).
-        """
-        from altjax import checkpoint
-        from altjax.conversion.clip import clip_teacher_table
-
-        def build(d: dict[str, Any]):
-            if d["model_type"] == CLIP_MODEL_TYPE:
-                text = dict(d.get("text_config") or {})
-                # CLIPModel's projection width is the top-level key; the text config's is unused there.
-                text["projection_dim"] = d.get("projection_dim", CLIPTextConfig.projection_dim)
-                config = CLIPTextConfig.from_hf(text)
-            else:
-                config = CLIPTextConfig.from_hf(d)
-            return config, lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(seed))
-
-        return checkpoint.load_model(path, model_type=(CLIP_MODEL_TYPE, MODEL_TYPE), build=build,
-                                     table=clip_teacher_table, seed=seed)
+    def config_from_hf(cls, d: dict[str, Any]) -> CLIPTextConfig:
+        if d["model_type"] != CLIP_MODEL_TYPE:
+            return CLIPTextConfig.from_hf(d)
+        text = dict(d.get("text_config") or {})
+        # CLIPModel's projection width is the top-level key; the text config's is unused there.
+        text["projection_dim"] = d.get("projection_dim", CLIPTextConfig.projection_dim)
+        return CLIPTextConfig.from_hf(text)

@@ -42,23 +42,3 @@ def config_to_hf(cfg: Any) -> dict[str, Any]:
     d.update(cfg.extra)
     return d
 
-
-def dual_encoder_config_from_hf(cls: type[T], d: dict[str, Any], *, model_type: str, text_cls: type,
-                                vision_cls: type, what: str) -> T:
-    """A CLIP-style dual encoder config (``text_config`` + ``vision_config``) from an HF dict.
-
-    ``what`` names the model in the error for another ``model_type`` ("a CLIP"). Legacy ``text_config_dict`` / ``vision_config_dict`` are merged as transformers does: every
-    tower field then comes from the legacy dict (or its default), other keys of ``text_config`` /
-    ``vision_config`` are kept.
-    """
-    got = d.get("model_type")
-    if got != model_type:
-        raise ValueError(f"not {what} config: model_type is {got!r}, expected {model_type!r}")
-    d = dict(d)
-    text = dict(d.get("text_config") or {})
-    vision = dict(d.get("vision_config") or {})
-    if (legacy := d.pop("text_config_dict", None)) is not None:
-        text.update(config_to_hf(text_cls.from_hf(legacy)))
-    if (legacy := d.pop("vision_config_dict", None)) is not None:
-        vision.update(config_to_hf(vision_cls.from_hf(legacy)))
-    return config_from_hf(cls, d, text_config=text_cls.from_hf(text), vision_config=vision_cls.from_hf(vision))

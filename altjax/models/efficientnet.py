@@ -5,7 +5,8 @@ A stem (fixed (0, 1) zero padding, 3x3 stride-2 conv, BatchNorm, swish) followed
 global pooling. Unlike transformers' ``EfficientNetModel`` there is no top conv: the pooled last
 block is the image feature. Module attribute names mirror the PyTorch module names
 (``embeddings.convolution``, ``encoder.blocks[i].depthwise_conv.depthwise_norm``, ...) so that the
-table in ``altjax/conversion/efficientnet.py`` reads as a plain rename.
+table of transformers' state dict at the end of this file reads as a plain rename. The BatchNorm
+and the depthwise convolution, with their hand-written gradients, are in ``altjax.models.ops``.
 
 Images are NHWC. Every padding is explicit and equals the reference's: PyTorch's stride-2 layers
 pad a fixed (0, 1) / (1, 2), which no "SAME" rule reproduces for every input size.
@@ -13,7 +14,6 @@ pad a fixed (0, 1) / (1, 2), which no "SAME" rule reproduces for every input siz
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -21,14 +21,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from altjax.model_io.engine import Row, Table, batch_norm_rows, conv_rows
 from altjax.models import inputs, layers
 from altjax.models.configuration import config_from_hf, config_to_hf
+from altjax.models.ops.batch_norm import TORCH_DEFAULT_BN_MOMENTUM, BatchNorm
+from altjax.models.ops.depthwise_conv import DepthwiseConv
 from altjax.models.outputs import TowerOutput
 
 # The per-stage lists of the config (one entry per base stage); stored as tuples.
 _STAGE_FIELDS = ("kernel_sizes", "in_channels", "out_channels", "strides", "num_block_repeats", "expand_ratios")
-# PyTorch's BatchNorm2d default momentum, which transformers leaves on the expansion BatchNorm.
-TORCH_DEFAULT_BN_MOMENTUM = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +130,7 @@ def efficientnet_config(name: str, **overrides: Any) -> EfficientNetConfig:
     return EfficientNetConfig(**{**preset, **overrides})
 
 
-# --- The block layout, shared by the model and the conversion table -------------------------------
+# --- The block layout, shared by the model and its table ------------------------------------------
 
 
 def round_filters(config: EfficientNetConfig, channels: int) -> int:
@@ -226,138 +227,7 @@ def _check_buildable(config: EfficientNetConfig, specs: Sequence[BlockSpec]) -> 
         channels = spec.out_dim
 
 
-# --- Layers ----------------------------------------------------------------------------------------
-
-
-class BatchNorm(nnx.Module):
-    """BatchNorm over the last (channel) axis with PyTorch's ``BatchNorm2d`` semantics.
-
-    Parameters ``scale`` and ``bias``, statistics ``mean``, ``var`` and ``num_batches_tracked`` (PyTorch's
-    counter: unused by the normalisation since the momentum is set, but kept so that a checkpoint
-    goes through altjax and back unchanged, and incremented by each training call as PyTorch does). ``momentum`` is in PyTorch's
-    convention, ``running = (1 - momentum) * running + momentum * batch`` (Flax's is the complement).
-    With ``use_running_average`` (eval mode, the default) it normalises with the running statistics.
-    Otherwise it normalises with the batch mean and *biased* variance and updates the running
-    variance with the *unbiased* one (``n / (n - 1)``), as PyTorch does. Statistics and the
-    normalisation are computed in float32 whatever the input dtype; the output has ``dtype``. The
-    training-mode gradient is written out (``batch_norm_train``) rather than left to autodiff.
-
-    ``group_size``: batch statistics over groups of that many consecutive examples, each group
-    normalised with its own statistics (per-replica BatchNorm). The running statistics are then
-    updated with the mean over groups of the group mean and of the group's unbiased variance. As the
-    update is linear, this equals averaging the buffers that each replica would hold after updating
-    from its own group, which is the deterministic reading of unsynchronised per-replica buffers.
-    ``None`` uses the whole batch.
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        *,
-        eps: float = 1e-5,
-        momentum: float = TORCH_DEFAULT_BN_MOMENTUM,
-        group_size: Optional[int] = None,
-        use_running_average: bool = True,
-        dtype=jnp.float32,
-    ):
-        # No rngs: the initialisation is deterministic (scale 1, bias 0, mean 0, var 1), as PyTorch's.
-        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
-        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
-        # int32: JAX's default integer width (PyTorch's int64 is restored on export).
-        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.group_size = group_size
-        self.use_running_average = use_running_average
-        self.dtype = dtype
-
-    def set_view(self, use_running_average: Optional[bool] = None):
-        """Used by ``nnx.view``."""
-        if use_running_average is not None:
-            self.use_running_average = use_running_average
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale, bias = self.scale[...], self.bias[...]
-        if self.use_running_average:
-            x = x.astype(jnp.float32)
-            y = (x - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.eps) * scale + bias
-            return y.astype(self.dtype)
-        batch = x.shape[0]
-        group = batch if self.group_size is None else self.group_size
-        if batch % group:
-            raise ValueError(f"BatchNorm group_size {group} does not divide the batch size {batch}")
-        n = math.prod(x.shape[1:-1]) * group
-        if n < 2:
-            raise ValueError(f"BatchNorm needs more than one value per channel in training, got {n} (input {x.shape})")
-        y = batch_norm_train(x, scale, bias, self.eps, group)
-        # The same statistics as inside batch_norm_train (XLA computes them once).
-        mean, var = jax.lax.stop_gradient(_group_statistics(x, group))
-        m = self.momentum
-        self.mean[...] = (1 - m) * self.mean[...] + m * mean.mean(axis=0)
-        self.var[...] = (1 - m) * self.var[...] + m * (var * (n / (n - 1))).mean(axis=0)
-        self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
-        return y.astype(self.dtype)
-
-
-def _grouped(x: jax.Array, group: int) -> jax.Array:
-    """``x`` (B, ..., C) in float32 as (B / group, group, ..., C)."""
-    return x.astype(jnp.float32).reshape((x.shape[0] // group, group) + x.shape[1:])
-
-
-def _group_statistics(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array]:
-    """Per group of ``group`` consecutive examples: the mean and the biased variance, each (B / group, C)."""
-    xg = _grouped(x, group)
-    axes = tuple(range(1, xg.ndim - 1))
-    mean = jnp.mean(xg, axis=axes)
-    # Two-pass variance: the one-pass E[x^2] - E[x]^2 loses digits when |mean| >> std.
-    var = jnp.mean(jnp.square(xg - _expand(mean, xg)), axis=axes)
-    return mean, var
-
-
-def _expand(stat: jax.Array, xg: jax.Array) -> jax.Array:
-    """A per-group statistic (G, C) broadcastable against grouped ``xg`` (G, group, ..., C)."""
-    return stat.reshape((stat.shape[0],) + (1,) * (xg.ndim - 2) + (stat.shape[1],))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, group: int) -> jax.Array:
-    """Training-mode BatchNorm: ``(x - mean) * rsqrt(var + eps) * scale + bias`` in float32, with the
-    mean and biased variance over each group of ``group`` consecutive examples (and all positions).
-
-    The gradient is the closed form (per group, ``n`` values per channel, ``xhat`` the normalised
-    input): ``dx = rsqrt(var + eps) * scale * (dy - mean(dy) - xhat * mean(dy * xhat))``. JAX's
-    autodiff of the forward gives the same numbers but keeps ``x - mean`` and ``xhat`` as
-    activation-sized residuals and makes several more passes over them; here the residual is ``x``
-    alone and the backward is two reductions and one element-wise pass.
-    """
-    return _batch_norm_train_fwd(x, scale, bias, eps, group)[0]
-
-
-def _batch_norm_train_fwd(x, scale, bias, eps, group):
-    xg = _grouped(x, group)
-    mean, var = _group_statistics(x, group)
-    rstd = jax.lax.rsqrt(var + eps)
-    y = (xg - _expand(mean, xg)) * _expand(rstd, xg) * scale + bias
-    return y.reshape(x.shape), (x, scale, mean, rstd)
-
-
-def _batch_norm_train_bwd(eps, group, residuals, dy):
-    x, scale, mean, rstd = residuals
-    xg = _grouped(x, group)
-    dyg = dy.reshape(xg.shape)
-    axes = tuple(range(1, xg.ndim - 1))
-    n = math.prod(xg.shape[a] for a in axes)
-    xhat = (xg - _expand(mean, xg)) * _expand(rstd, xg)
-    sum_dy = jnp.sum(dyg, axis=axes)
-    sum_dy_xhat = jnp.sum(dyg * xhat, axis=axes)
-    dx = (_expand(rstd, xg) * scale) * (dyg - _expand(sum_dy / n, xg) - xhat * _expand(sum_dy_xhat / n, xg))
-    return dx.reshape(x.shape).astype(x.dtype), sum_dy_xhat.sum(axis=0), sum_dy.sum(axis=0)
-
-
-batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+# --- Layers ---------------------------------------------------------------------------------------
 
 
 def _conv(
@@ -386,157 +256,6 @@ def _conv(
         bias_init=nnx.initializers.zeros,
         rngs=rngs,
     )
-
-
-def _window(xp: jax.Array, a: int, b: int, stride: int, height: int, width: int) -> jax.Array:
-    """``xp[:, a + stride * i, b + stride * j]`` for ``i < height``, ``j < width``: one tap's view."""
-    n, _, _, c = xp.shape
-    end = (n, a + stride * (height - 1) + 1, b + stride * (width - 1) + 1, c)
-    return jax.lax.slice(xp, (0, a, b, 0), end, (1, stride, stride, 1))
-
-
-def _shifted_sum(xp: jax.Array, kernel: jax.Array, stride: int, height: int, width: int, acc_dtype) -> jax.Array:
-    """``sum_{a,b} window_{a,b}(xp) * kernel[a, b, 0]`` in ``acc_dtype``: XLA fuses the k*k terms into one loop."""
-    out = None
-    for a in range(kernel.shape[0]):
-        for b in range(kernel.shape[1]):
-            term = _window(xp, a, b, stride, height, width).astype(acc_dtype) * kernel[a, b, 0].astype(acc_dtype)
-            out = term if out is None else out + term
-    return out
-
-
-def _output_size(size: int, pad: tuple[int, int], kernel_size: int, stride: int) -> int:
-    return (size + pad[0] + pad[1] - kernel_size) // stride + 1
-
-
-def _accumulation_dtype(dtype):
-    # bf16/f16 products are summed in float32; float32 and float64 in their own precision.
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-# The kernel gradient's fused loops (see _depthwise_kernel_grad) handle at most this many taps
-# each, and fold about this many multiply-adds (taps x output rows) per element of their output.
-_KERNEL_GRAD_TAPS = 9
-_KERNEL_GRAD_TERMS = 72
-
-
-def _depthwise_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape, stride: int, padding) -> jax.Array:
-    """``dK[a, b, 0, c] = sum_{n,i,j} xp[n, a + s*i, b + s*j, c] * g[n, i, j, c]``, in float32 or wider.
-
-    Written as one reduction per tap of ``window * g``, XLA:CPU materialises every shifted window
-    (a copy of the activation per tap, 9 or 25 of them, each a fresh buffer) before reducing it,
-    which made the kernel gradient 10x slower than the forward. Here the output rows are cut into
-    blocks of ``rows`` and one variadic reduction sums, for several taps at once (a whole 3x3
-    kernel, or one row of a larger one), the products over the rows of each block: XLA emits it as
-    a single loop that reads ``x`` and ``g`` once for all those taps and writes partial sums
-    ``rows`` times smaller than the activation. Only these partial sums are then reduced.
-    (Fewer taps or rows per loop and XLA no longer vectorises it; a 25-tap loop spills.)
-    """
-    kh, kw = kernel_shape[:2]
-    n, height, width, c = g.shape
-    acc = _accumulation_dtype(x.dtype)
-    taps_per_loop = kh * kw if kh * kw <= _KERNEL_GRAD_TAPS else kw
-    blocks = -(-height // max(1, _KERNEL_GRAD_TERMS // taps_per_loop))
-    rows = -(-height // blocks)  # rows per block, chosen so that blocks * rows - height < blocks
-    # Zero cotangent rows complete the last block; the padded input reaches every row they read.
-    g = jnp.pad(g.astype(acc), ((0, 0), (0, blocks * rows - height), (0, 0), (0, 0)))
-    (top, bottom), (left, right) = padding
-    need = stride * (blocks * rows - 1) + kh
-    xp = jnp.pad(x, ((0, 0), (top, max(bottom, need - x.shape[1] - top)), (left, right), (0, 0)))
-    products = [(_window(xp, a, b, stride, blocks * rows, width).astype(acc) * g).reshape(n, blocks, rows, width, c)
-                for a in range(kh) for b in range(kw)]
-    partial_sums = []
-    for i in range(0, len(products), taps_per_loop):
-        group = products[i:i + taps_per_loop]
-        zeros = [jnp.zeros((), acc)] * len(group)
-        partial_sums += jax.lax.reduce(group, zeros, lambda xs, ys: [u + v for u, v in zip(xs, ys)], (2,))
-    return jnp.stack(partial_sums).sum(axis=(1, 2, 3)).reshape(kernel_shape)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def depthwise_conv_shifted(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
-    """Depthwise convolution of NHWC ``x`` with ``kernel`` ``(kh, kw, 1, C)`` as shifted multiply-adds.
-
-    ``padding`` is ``((top, bottom), (left, right))`` (non-negative). The kernel is rounded to
-    ``x.dtype`` (the compute dtype) and the products are summed in float32 for bf16 inputs. The
-    gradient is hand-written: JAX's autodiff of the k*k shifted terms keeps every tap's window as a
-    residual and sums each tap's kernel gradient separately, which made the backward ~14x the
-    forward on CPU. Residuals are only ``x`` and ``kernel``.
-    """
-    return _depthwise_forward(x, kernel, stride, padding)
-
-
-def _depthwise_forward(x, kernel, stride, padding):
-    (top, bottom), (left, right) = padding
-    kh, kw = kernel.shape[:2]
-    height = _output_size(x.shape[1], padding[0], kh, stride)
-    width = _output_size(x.shape[2], padding[1], kw, stride)
-    xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    out = _shifted_sum(xp, kernel.astype(x.dtype), stride, height, width, _accumulation_dtype(x.dtype))
-    return out.astype(x.dtype)
-
-
-def _depthwise_fwd(x, kernel, stride, padding):
-    return _depthwise_forward(x, kernel, stride, padding), (x, kernel)
-
-
-def _depthwise_bwd(stride, padding, residuals, g):
-    x, kernel = residuals
-    kh, kw = kernel.shape[:2]
-    (top, _), (left, _) = padding
-    _, height, width, _ = x.shape
-    out_h, out_w = g.shape[1:3]
-    # dx[p] = sum_a g[(p + top - a) / s] * K[a] over the taps a where that is a whole output row:
-    # a stride-1 correlation of the flipped kernel with g dilated by s (s - 1 zero rows between
-    # rows), padded so that at input row p the flipped tap K[kh - 1 - a'] reads dilated row
-    # p + top - (kh - 1 - a'). A negative pad (padding wider than kh - 1, or input rows that no
-    # window reached) crops instead.
-    zero = jnp.zeros((), g.dtype)
-    gd = jax.lax.pad(g, zero, ((0, 0, 0),
-                               (kh - 1 - top, height + top - stride * (out_h - 1) - 1, stride - 1),
-                               (kw - 1 - left, width + left - stride * (out_w - 1) - 1, stride - 1),
-                               (0, 0, 0)))
-    flipped = kernel.astype(x.dtype)[::-1, ::-1]
-    dx = _shifted_sum(gd, flipped, 1, height, width, _accumulation_dtype(x.dtype)).astype(x.dtype)
-    dkernel = _depthwise_kernel_grad(x, g, kernel.shape, stride, padding).astype(kernel.dtype)
-    return dx, dkernel
-
-
-depthwise_conv_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
-
-
-class DepthwiseConv(nnx.Module):
-    """A k x k convolution with one filter per channel, kernel ``(k, k, 1, C)`` as ``nnx.Conv`` holds it.
-
-    On CPU it is computed as k*k strided shifted multiply-adds (``depthwise_conv_shifted``, with a
-    hand-written gradient), which XLA fuses into one loop: its CPU grouped convolution is 6-18x
-    slower on EfficientNet's shapes, and made align-base's forward 3.3x slower than PyTorch's. On
-    GPU and TPU the native grouped convolution is used. Both give the reference's result to float
-    rounding (the sum runs in a different order). ``impl`` forces one form: ``"shifted"`` or
-    ``"grouped"`` (default ``"auto"``: by backend).
-    """
-
-    def __init__(self, dim: int, kernel_size: int, *, stride: int, padding, dtype=jnp.float32, rngs: nnx.Rngs,
-                 impl: str = "auto"):
-        if impl not in ("auto", "shifted", "grouped"):
-            raise ValueError(f"impl must be 'auto', 'shifted' or 'grouped', got {impl!r}")
-        # EfficientNet's He-normal init; a depthwise kernel's TF fan-out is k*k (one output per
-        # channel), which is JAX's fan-in for this shape (JAX's fan-out k*k*C would shrink the
-        # activations by C at every block).
-        init = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
-        self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, 1, dim), jnp.float32))
-        self.kernel_size, self.stride, self.dtype = kernel_size, stride, dtype
-        self.padding = tuple(tuple(p) for p in padding)
-        self.impl = impl
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(self.dtype)
-        impl = self.impl if self.impl != "auto" else ("shifted" if jax.default_backend() == "cpu" else "grouped")
-        if impl == "grouped":
-            return jax.lax.conv_general_dilated(
-                x, self.kernel[...].astype(self.dtype), (self.stride, self.stride), self.padding,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
-        return depthwise_conv_shifted(x, self.kernel[...], self.stride, self.padding)
 
 
 def _same_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -704,3 +423,43 @@ class EfficientNet(nnx.Module):
             pooler_output=pooled,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
         )
+
+
+
+# --- transformers' state dict (``AlignVisionModel``) ----------------------------------------------
+# Keys relative to the tower; ALIGN's table places them under ``vision_model.``. Conv kernels
+# (depthwise ones too) change layout OIHW <-> HWIO; BatchNorm statistics are copied, and
+# ``num_batches_tracked`` (unused: every BatchNorm has a momentum) starts at 0 when a checkpoint
+# lacks it.
+
+STEM = [*conv_rows("embeddings.convolution"), *batch_norm_rows("embeddings.batchnorm")]
+
+# Only blocks whose expand_ratio is not 1 have these; "{i}" is the global block index.
+EXPANSION = [
+    *conv_rows("encoder.blocks.{i}.expansion.expand_conv"),
+    *batch_norm_rows("encoder.blocks.{i}.expansion.expand_bn"),
+]
+
+# Every block, in the reference's registration order.
+BLOCK = [
+    *conv_rows("encoder.blocks.{i}.depthwise_conv.depthwise_conv"),
+    *batch_norm_rows("encoder.blocks.{i}.depthwise_conv.depthwise_norm"),
+    *conv_rows("encoder.blocks.{i}.squeeze_excite.reduce", bias=True),
+    *conv_rows("encoder.blocks.{i}.squeeze_excite.expand", bias=True),
+    *conv_rows("encoder.blocks.{i}.projection.project_conv"),
+    *batch_norm_rows("encoder.blocks.{i}.projection.project_bn"),
+]
+
+
+def efficientnet_rows(config: EfficientNetConfig) -> list[Row]:
+    """Every tensor of the vision tower, keys relative to it (``embeddings.convolution.weight``, ...)."""
+    rows = list(STEM)
+    for spec in block_specs(config):
+        template = EXPANSION + BLOCK if spec.expand else BLOCK
+        rows += [Row(r.torch.format(i=spec.index), r.nnx.format(i=spec.index), r.layout) for r in template]
+    return rows
+
+
+def efficientnet_table(config: EfficientNetConfig) -> Table:
+    """The table of a standalone vision tower (an ``AlignVisionModel`` state dict)."""
+    return Table(rows=tuple(efficientnet_rows(config)))

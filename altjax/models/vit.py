@@ -5,30 +5,28 @@ position embeddings, ``pre_layrnorm`` (the reference's spelling), pre-LN encoder
 ``quick_gelu``, and ``post_layernorm`` applied to the class token only: that normed token is
 ``pooler_output``, while ``last_hidden_state`` is left un-normed, as in the reference.
 
-``CLIPEncoderLayer`` and ``CLIPEncoder`` are shared with CLIP's text transformer
-(``altjax.models.clip_text``), whose layers are the same modules with a causal mask.
+The encoder is ``altjax.models.clip_transformer.CLIPEncoder``, shared with CLIP's text tower.
 
 Images are NHWC. Attribute names mirror the PyTorch modules (``embeddings.patch_embedding``,
-``encoder.layers[i].self_attn.q_proj``, ...) so that ``altjax/conversion/clip.py`` reads as a plain
-rename.
+``encoder.layers[i].self_attn.q_proj``, ...) so that the table of transformers' state dict at the
+end of this file reads as a plain rename.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from altjax.model_io.engine import Row, Table, conv_rows, embedding_rows, layer_norm_rows
 from altjax.models import inputs, layers
+from altjax.models.clip_transformer import CLIPEncoder, encoder_rows
 from altjax.models.configuration import config_from_hf, config_to_hf
 from altjax.models.outputs import TowerOutput
-
-if TYPE_CHECKING:
-    from altjax.models.clip_text import CLIPTextConfig
 
 MODEL_TYPE = "clip_vision_model"
 # PyTorch's bicubic kernel constant (``upsample_bicubic2d``); jax.image.resize's cubic uses -0.5.
@@ -86,7 +84,7 @@ class CLIPVisionConfig:
         return d
 
 
-# --- PyTorch's bicubic interpolation -----------------------------------------------------------
+# --- PyTorch's bicubic interpolation --------------------------------------------------------------
 
 
 def _fma(a, b, c) -> np.ndarray:
@@ -143,99 +141,8 @@ def torch_bicubic_resize(grid: jax.Array, size: tuple[int, int]) -> jax.Array:
     )
 
 
-# --- The encoder, shared with CLIP's text transformer ----------------------------------------
-# It reads only fields that CLIPVisionConfig and CLIPTextConfig both have.
 
-
-def _linear(din: int, dout: int, std: float, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(
-        din,
-        dout,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nnx.initializers.normal(std),
-        bias_init=nnx.initializers.zeros,
-        rngs=rngs,
-    )
-
-
-class CLIPAttention(nnx.Module):
-    """Multi-head self-attention with q/k/v/out projections; probabilities dropped in training only."""
-
-    def __init__(self, config: CLIPVisionConfig | CLIPTextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        d, f = config.hidden_size, config.initializer_factor
-        self.num_heads = config.num_attention_heads
-        # transformers' CLIP init: depth-scaled in-projections.
-        in_std = d**-0.5 * (2 * config.num_hidden_layers) ** -0.5 * f
-        self.k_proj = _linear(d, d, in_std, dtype=dtype, rngs=rngs)
-        self.v_proj = _linear(d, d, in_std, dtype=dtype, rngs=rngs)
-        self.q_proj = _linear(d, d, in_std, dtype=dtype, rngs=rngs)
-        self.out_proj = _linear(d, d, d**-0.5 * f, dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(config.attention_dropout, deterministic=True, rngs=rngs)
-
-    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, is_causal: bool = False) -> jax.Array:
-        out = layers.dot_product_attention(
-            self.q_proj(x),
-            self.k_proj(x),
-            self.v_proj(x),
-            num_heads=self.num_heads,
-            mask=mask,
-            is_causal=is_causal,
-            dropout=self.dropout,
-        )
-        return self.out_proj(out)
-
-
-class CLIPMLP(nnx.Module):
-    """``fc2(act(fc1(x)))`` with the config's activation (``quick_gelu`` for CLIP)."""
-
-    def __init__(self, config: CLIPVisionConfig | CLIPTextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        d, f = config.hidden_size, config.initializer_factor
-        self.act = layers.activation(config.hidden_act)
-        self.fc1 = _linear(d, config.intermediate_size, (2 * d) ** -0.5 * f, dtype=dtype, rngs=rngs)
-        self.fc2 = _linear(
-            config.intermediate_size, d, d**-0.5 * (2 * config.num_hidden_layers) ** -0.5 * f, dtype=dtype, rngs=rngs
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class CLIPEncoderLayer(nnx.Module):
-    """A pre-LN layer: ``x + attn(layer_norm1(x))``, then ``x + mlp(layer_norm2(x))``."""
-
-    def __init__(self, config: CLIPVisionConfig | CLIPTextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        d, eps = config.hidden_size, config.layer_norm_eps
-        self.self_attn = CLIPAttention(config, dtype=dtype, rngs=rngs)
-        self.layer_norm1 = layers.layer_norm(d, eps, dtype=dtype, rngs=rngs)
-        self.mlp = CLIPMLP(config, dtype=dtype, rngs=rngs)
-        self.layer_norm2 = layers.layer_norm(d, eps, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, is_causal: bool = False) -> jax.Array:
-        x = x + self.self_attn(self.layer_norm1(x), mask, is_causal)
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class CLIPEncoder(nnx.Module):
-    """``num_hidden_layers`` encoder layers (``layers[i]``)."""
-
-    def __init__(self, config: CLIPVisionConfig | CLIPTextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.layers = nnx.List(
-            [CLIPEncoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
-        )
-
-    def __call__(
-        self, x: jax.Array, mask: Optional[jax.Array] = None, is_causal: bool = False
-    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        """Returns the last layer's output and every hidden state (the input and each layer's output)."""
-        hidden_states = [x]
-        for layer in self.layers:
-            x = layer(x, mask, is_causal)
-            hidden_states.append(x)
-        return x, tuple(hidden_states)
-
-
-# --- The vision tower --------------------------------------------------------------------------
+# --- The vision tower -----------------------------------------------------------------------------
 
 
 class CLIPVisionEmbeddings(nnx.Module):
@@ -344,3 +251,29 @@ class CLIPVision(nnx.Module):
             pooler_output=self.post_layernorm(h[:, 0]),
             hidden_states=hidden_states if output_hidden_states else None,
         )
+
+
+
+# --- transformers' state dict (``CLIPVisionModel`` / ``AltCLIPVisionModel``) ----------------------
+# Keys relative to the tower: ``embeddings.*``, ``pre_layrnorm.*``, ``encoder.layers.{i}.*``,
+# ``post_layernorm.*``.
+
+EMBEDDINGS = [
+    Row("embeddings.class_embedding", "embeddings.class_embedding"),
+    *conv_rows("embeddings.patch_embedding"),
+    *embedding_rows("embeddings.position_embedding"),
+    *layer_norm_rows("pre_layrnorm"),
+]
+HEAD = layer_norm_rows("post_layernorm")
+# The embeddings' non-persistent ``position_ids`` buffer, which older checkpoints still contain.
+IGNORED_BUFFERS = (r"embeddings\.position_ids$",)
+
+
+def clip_vision_rows(config: CLIPVisionConfig) -> list[Row]:
+    """Every tensor of the vision tower, keys relative to it (``embeddings.class_embedding``, ...)."""
+    return EMBEDDINGS + encoder_rows(config.num_hidden_layers) + HEAD
+
+
+def clip_vision_table(config: CLIPVisionConfig) -> Table:
+    """The table of a standalone ``CLIPVisionModel`` / ``AltCLIPVisionModel`` state dict."""
+    return Table(rows=tuple(clip_vision_rows(config)), ignore=IGNORED_BUFFERS)

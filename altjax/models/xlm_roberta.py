@@ -9,7 +9,7 @@ LayerNorm over every token (``pre_LN``) and a Linear to ``project_dim`` (``trans
 pooled output is token 0 (``<s>``) of the transformed sequence.
 
 Attribute names mirror the PyTorch modules (``roberta.encoder.layers[i].attention.self.query``, ...)
-so that the table in ``altjax/conversion/xlm_roberta.py`` reads as a plain rename.
+so that the table of transformers' state dict at the end of this file reads as a plain rename.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from altjax.models import inputs, layers
+from altjax.model_io.engine import Row, Table, layer_norm_rows, linear_rows, prefixed, repeated
+from altjax.models import bert, inputs, layers
 from altjax.models.bert import BertEmbeddings, BertLayer
 from altjax.models.configuration import config_from_hf, config_to_hf
 from altjax.models.outputs import TowerOutput
@@ -63,6 +64,12 @@ class XLMRobertaConfig:
             )
         if self.pad_token_id is None:
             raise ValueError("XLM-R needs pad_token_id: its position ids are counted from it")
+
+    @property
+    def max_text_length(self) -> int:
+        """The longest token sequence the tower can position-embed: XLM-R numbers positions from
+        ``pad_token_id + 1``; beyond this a lookup would silently read past the table."""
+        return self.max_position_embeddings - self.pad_token_id - 1
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "XLMRobertaConfig":
@@ -206,3 +213,39 @@ class AltCLIPText(nnx.Module):
         out = self.roberta.forward(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         projected = self.transformation(self.pre_LN(out.last_hidden_state))
         return TowerOutput(last_hidden_state=projected, pooler_output=projected[:, 0], hidden_states=out.hidden_states)
+
+
+# --- transformers' state dict (``AltCLIPTextModel``) ----------------------------------------------
+# Keys relative to the tower, in the in-memory spelling ``roberta.encoder.layers.{i}``; checkpoints
+# write ``roberta.encoder.layer.{i}`` (transformers' AltCLIP conversion mapping), which ``ALIASES``
+# accepts. The embeddings and layers have BERT's names, so their rows are BERT's rows.
+
+
+def _in_layers(row: Row) -> Row:
+    # AltCLIP's roberta keeps its layer list as ``encoder.layers`` in memory (BERT: ``encoder.layer``).
+    old, new = "encoder.layer.", "encoder.layers."
+    return Row(row.torch.replace(old, new), row.nnx.replace(old, new), row.layout)
+
+
+EMBEDDINGS = prefixed(bert.EMBEDDINGS, "roberta.", "roberta.")
+
+# One encoder layer; "{i}" is the layer index.
+LAYER = [_in_layers(r) for r in prefixed(bert.LAYER, "roberta.", "roberta.")]
+
+HEAD = [*layer_norm_rows("pre_LN"), *linear_rows("transformation")]
+
+# The on-disk spelling (``encoder.layer.{i}``, also XLMRobertaModel's) -> the in-memory one.
+ALIASES = ((r"encoder\.layer\.(\d+)\.", r"encoder.layers.\1."),)
+
+# Non-persistent buffers of the embeddings (BERT's, the same names) that old checkpoints may contain.
+IGNORED_BUFFERS = bert.IGNORED_BUFFERS
+
+
+def xlm_roberta_rows(config: XLMRobertaConfig) -> list[Row]:
+    """Every tensor of ``AltCLIPTextModel``, keys relative to it (``roberta.embeddings.LayerNorm.weight``, ...)."""
+    return EMBEDDINGS + repeated(LAYER, config.num_hidden_layers) + HEAD
+
+
+def xlm_roberta_table(config: XLMRobertaConfig) -> Table:
+    """The table of a standalone ``AltCLIPTextModel`` state dict; both layer spellings load."""
+    return Table(rows=tuple(xlm_roberta_rows(config)), aliases=ALIASES, ignore=IGNORED_BUFFERS)

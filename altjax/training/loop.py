@@ -1,0 +1,450 @@
+"""The training loop: :func:`train` runs (or resumes) the task of a config in a workdir.
+
+The loop knows no model: the task that ``config.task`` names (:mod:`altjax.training.tasks`)
+builds the model, its processor and its input pipeline, gives the objective and says what is
+exported; the loop adds what every run has (freezing, the SigLIP bias an objective asks for, the
+sharded train state, checkpoints, logs, evaluations, signals).
+
+The workdir receives ``config.json`` (the resolved config), ``checkpoints/`` (orbax, every
+``checkpoint_every`` steps, asynchronous, the last ``keep_checkpoints``), ``metrics.jsonl`` (one
+JSON object per logged step: ``step``, ``loss``, ``learning_rate``, ``temperature``,
+``grad_norm``, ``examples_per_sec``, ``skipped_examples``), TensorBoard event files,
+``eval_results.json`` (the latest evaluation: every ``eval_every`` steps and at the end),
+``evals.jsonl`` (every evaluation, one JSON object each: ``step`` and the results by
+evaluation name, e.g. ``{"step": 200, "retrieval/scenes/en": {"t2i_r1": ...}}``) and, at the end, the trained
+model in ``model/`` (an altjax directory with its processor files: ``altjax-eval --checkpoint
+DIR/model`` reads it). Run again on the same workdir, it resumes from the newest checkpoint that
+restores: the parameters, optimiser, BatchNorm statistics, dropout keys and input pipeline
+position are all in the checkpoint, so the resumed run computes the same losses, step for step,
+as one that was never interrupted; ``metrics.jsonl`` and ``evals.jsonl`` are cut back to the
+restored step first.
+A run that had finished returns its last evaluation without training, evaluating or exporting
+again. SIGTERM (preemption) or SIGINT (Ctrl-C) saves a checkpoint and exits with status 143 / 130;
+a second one exits at once. A non-finite loss or gradient stops the run with status 1 before
+anything of that step is saved; so does a checkpoint save that failed in the background.
+
+Before anything is built or written, every config value is checked (:mod:`altjax.training.config`)
+and the workdir claimed (:mod:`altjax.workdir`: one run at a time, no directory of other files, no
+resume under a config that computes another run); a user's mistake is one error and nothing written.
+On several hosts every process runs :func:`train` and reads its own rows of each global batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from altjax import fsutil, sharding
+from altjax import workdir as workdirs
+from altjax.data import scenes
+from altjax.evaluation import ClassificationSet, RetrievalSet, evaluate_retrieval, evaluate_zeroshot, evaluation_key
+from altjax.evaluation import load_dataset
+from altjax.evaluation.results import write_results
+from altjax.model_io import directories
+from altjax.progress import Progress
+from altjax.stop_signals import EXIT_STATUS, StopSignals
+from altjax.tensorboard import EventWriter
+from altjax.training import optim, tasks
+from altjax.training.checkpoints import Checkpointer
+from altjax.training.config import validate
+from altjax.training.logs import MetricsLog, console, read_metrics
+from altjax.training.objectives import attach_logit_bias, detach_logit_bias
+from altjax.training.step import init_state, make_train_step
+
+log = logging.getLogger("altjax.train")
+
+SIGTERM_EXIT = EXIT_STATUS[signal.SIGTERM]
+SIGINT_EXIT = EXIT_STATUS[signal.SIGINT]
+EXPORT_DIR = "model"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+# ----- evaluation -----
+
+def evaluation_sets(config) -> dict[str, Any]:
+    """``{"<task>/<dataset>/<lang>": dataset}`` for ``config.eval.datasets``. The scenes sets come
+    from ``config.data.scenes`` and ``config.data.data_dir`` (the scenes a demo trains on)."""
+    out = {}
+    for spec in config.eval.datasets:
+        task, name, lang = spec.split("/")
+        key = evaluation_key(task, name, lang)
+        if name in ("scenes", "altjax_scenes"):
+            data = scenes.load_split(config.eval.split, data_dir=config.data.data_dir or None, lang=lang,
+                                     config=scenes.scenes_config(**config.data.scenes))
+            if task == "zeroshot":
+                out[key] = ClassificationSet(name=name, images=data["images"], labels=data["labels"],
+                                             class_names=data["class_names"], lang=lang)
+            else:
+                out[key] = RetrievalSet(name=name, images=data["images"], texts=data["captions"],
+                                        text_image_ids=np.arange(len(data["images"])), lang=lang)
+        else:
+            out[key] = load_dataset(name, task, split=config.eval.split or None, lang=lang,
+                                    data_dir=config.data.data_dir or None)
+    return out
+
+
+def evaluate(model, processor, sets: dict[str, Any], *, mesh, batch_size: int, text_length: int) -> dict:
+    """Runs every evaluation of ``sets`` on ``model``; ``{key: metrics}`` in percent."""
+    results = {}
+    for key, dataset in sets.items():
+        fn = evaluate_zeroshot if key.startswith("zeroshot/") else evaluate_retrieval
+        results[key] = fn(model, processor, dataset, mesh=mesh, batch_size=batch_size, text_length=text_length)
+    return results
+
+
+# ----- the loop -----
+
+class _Claim:
+    """This run's hold on its workdir: the lock (process 0) and what a fresh run created, removed
+    again if the run fails before it has written its record (``config.json``)."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.lock = workdirs.RunLock(workdir)
+        self.created_workdir = False
+        self.committed = False
+
+    def abandon(self) -> None:
+        """Undoes what a run that failed before its first record created, then unlocks."""
+        lock_created = self.lock.created
+        self.lock.release()
+        if self.committed:
+            return
+        if self.created_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        elif lock_created:
+            with contextlib.suppress(OSError):
+                os.remove(self.lock.path)
+
+
+def _agree(error: str) -> str:
+    """Process 0's ``error`` (empty: none) on every process, so that all stop together."""
+    if jax.process_count() == 1:
+        return error
+    data = np.zeros(4096, np.uint8)
+    encoded = error.encode()[:4096]
+    data[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    data = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    return bytes(data).rstrip(b"\0").decode(errors="replace")
+
+
+def claim_workdir(config, workdir: str) -> _Claim:
+    """Process 0 checks that ``workdir`` is new, empty or altjax's, locks it, and refuses a resume
+    under a config that would compute another run (before anything of the workdir changes).
+    Raises WorkdirError on every process."""
+    claim = _Claim(workdir)
+    error = ""
+    if jax.process_index() == 0:
+        try:
+            workdirs.check_usable(workdir)
+            if not os.path.exists(workdir):
+                os.makedirs(workdir)
+                claim.created_workdir = True
+            claim.lock.acquire()
+            # The trained model is exported to WORKDIR/model at the end: refused now, not then, if
+            # something other than an earlier export is there.
+            try:
+                directories.check_replaceable(os.path.join(workdir, EXPORT_DIR))
+            except directories.CheckpointError as e:
+                raise workdirs.WorkdirError(f"--workdir {workdir}: {e}") from None
+            saved = workdirs.read_config(workdir) if workdirs.has_checkpoints(workdir) else None
+            if saved is not None:
+                blocking, allowed = workdirs.compare_configs(saved, json.loads(config.to_json()))
+                if blocking:
+                    shown = "; ".join(blocking[:6]) + (f"; and {len(blocking) - 6} more" if len(blocking) > 6 else "")
+                    raise workdirs.WorkdirError(
+                        f"--workdir {workdir}: its checkpoints were trained under another config ({shown}); "
+                        f"resume with the config in {os.path.join(workdir, workdirs.CONFIG_FILE)} or use another "
+                        "workdir")
+                for change in allowed:
+                    log.warning("resuming with a changed setting: %s", change)
+            claim.lock.record()
+        except workdirs.WorkdirError as e:
+            claim.abandon()
+            error = str(e)
+        except OSError as e:
+            claim.abandon()
+            error = f"--workdir {workdir}: {e.strerror or e} ({e.filename or workdir})"
+    error = _agree(error)
+    if error:
+        raise workdirs.WorkdirError(error)
+    return claim
+
+
+def _publish(staging: str, target: str) -> None:
+    """Puts the directory ``staging`` at ``target``, replacing one an earlier attempt wrote."""
+    fresh = f"{target}.tmp-{os.getpid()}"
+    shutil.rmtree(fresh, ignore_errors=True)
+    shutil.copytree(staging, fresh)
+    fsutil.apply_umask(fresh)  # the staging directory is mkdtemp's, private to the owner
+    if os.path.isdir(target):
+        old = f"{target}.old-{os.getpid()}"
+        os.rename(target, old)
+        os.rename(fresh, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(fresh, target)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (or resumes) ``config`` in ``workdir``; returns ``{"step", "metrics", "eval",
+    "eval_start"}``: the last step, its logged metrics, the last evaluation and the one before
+    training (``config.eval.at_start``, on a fresh run). Raises ConfigError or WorkdirError (a
+    user's mistake: nothing was written), TrainingDiverged on a non-finite loss, and
+    CheckpointSaveFailed when a save fails; exits the process with :data:`SIGINT_EXIT` /
+    :data:`SIGTERM_EXIT` after saving when SIGINT / SIGTERM arrives."""
+    for warning in validate(config):
+        log.warning("%s", warning)
+    workdir = os.path.abspath(workdir)
+    claim = claim_workdir(config, workdir)
+    staging = tempfile.mkdtemp(prefix="altjax-processor-")
+    try:
+        return _train(config, workdir, claim, staging)
+    finally:
+        # A run that failed before its first record leaves nothing behind; one that trained
+        # (finished, diverged, interrupted) keeps its record for the resume.
+        claim.abandon()
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
+    task = tasks.TASKS[config.task]
+    primary = jax.process_index() == 0
+    total, batch_size, accum = int(config.total_steps), int(config.batch_size), int(config.grad_accum_steps)
+    mesh = sharding.make_mesh(**config.mesh)
+    processor_dir = os.path.join(workdir, "processor")
+    # The processor is built in a private staging directory and published into the workdir only
+    # once the run has been built: a run that fails to build leaves the workdir as it was.
+    model, processor = task.build(config, staging, mesh)
+    model.train()
+    objective = task.objective(config)
+    if objective.logit_bias is not None:
+        attach_logit_bias(model, objective.logit_bias)
+    trainable = optim.trainable_filter(config.freeze)
+    tx = optim.build(config.optimizer, total, nnx.state(model, trainable))
+    graphdef, state = init_state(model, trainable, tx)
+    del model
+    shardings = sharding.state_shardings(jax.eval_shape(lambda s: s, state), mesh)
+    state = jax.jit(lambda s: s, out_shardings=shardings)(state)
+    step_fn = make_train_step(graphdef, objective, tx, mesh=mesh, accum_steps=accum,
+                              learning_rate=optim.schedule(config.optimizer, total), state_shardings=shardings,
+                              batch_sharding=sharding.batch_sharding(mesh))
+    pipeline = task.pipeline(config, processor, staging, mesh)
+    sets = evaluation_sets(config) if config.eval_every or config.eval.at_end or config.eval.at_start else {}
+
+    checkpointer = Checkpointer(os.path.join(workdir, workdirs.CHECKPOINTS_DIR), state,
+                                keep=int(config.keep_checkpoints), asynchronous=bool(config.async_checkpoints))
+
+    def exported(state) -> nnx.Module:
+        """What the run evaluates and saves: the task's export, without a bias the run attached."""
+        return task.export(detach_logit_bias(nnx.merge(graphdef, state["params"], state["frozen"], state["rest"])))
+
+    metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), primary)
+    eval_log = MetricsLog(os.path.join(workdir, "evals.jsonl"), primary)
+    writer = None
+    progress = None
+    checkpoint_closed = False
+    try:
+        step = 0
+        restored = checkpointer.restore_latest()
+        if restored is not None:
+            step, state, data_states = restored
+            pipeline.set_state(data_states[jax.process_index()])
+            console(f"resumed from {checkpointer.directory}/{step}")
+        # The run is built and its checkpoint (if any) fits: now its record is written.
+        if primary:
+            workdirs.write_text_atomic(os.path.join(workdir, workdirs.CONFIG_FILE),
+                                       config.to_json(indent=2, sort_keys=True) + "\n")
+            _publish(staging, processor_dir)
+        claim.committed = True
+        metrics_log.truncate(step)
+        eval_log.truncate(step)
+        # purge_step: TensorBoard drops events a previous attempt logged after the restored step.
+        writer = EventWriter(workdir, purge_step=step + 1 if restored else None) if primary else None
+
+        def run_eval(at: int) -> dict:
+            model = exported(state)
+            results = evaluate(model, processor, sets, mesh=mesh, batch_size=int(config.eval.batch_size),
+                               text_length=int(config.data.max_length))
+            if primary:
+                write_results(os.path.join(workdir, "eval_results.json"), results)
+                eval_log.write({"step": at, **results})
+                for key, values in results.items():
+                    for name, value in values.items():
+                        writer.add_scalar(f"eval/{key}/{name}", value, at)
+                writer.flush()
+                console(f"step {at}: " + ", ".join(f"{k} {_headline(v)}" for k, v in results.items()))
+            return results
+
+        def data_states() -> list[dict]:
+            mine = pipeline.get_state()
+            rows = multihost_utils.process_allgather(np.asarray([mine["epoch"], mine["position"], mine["skipped"]]))
+            rows = np.asarray(rows).reshape(-1, 3)
+            return [{**mine, "process_index": i, "epoch": int(r[0]), "position": int(r[1]), "skipped": int(r[2])}
+                    for i, r in enumerate(rows)]
+
+        def acknowledge(signum: int) -> None:
+            console(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (send it again "
+                     "to exit at once without saving)")
+
+        def abandon(signum: int) -> None:
+            steps = checkpointer.steps()
+            console(f"{signal.Signals(signum).name} again: exiting without saving; the last checkpoint is "
+                     f"{steps[-1] if steps else 'none'} in {checkpointer.directory}")
+            # Orbax's writer threads fail noisily as their directory disappears under them; the
+            # process is ending, so what they print would only bury the line above.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+            checkpointer.remove_temporary()
+
+        chance = objective.chance(batch_size) if objective.chance is not None else None
+        chance_watch = ChanceWatch(chance, int(config.warn_chance_steps),
+                                   int(config.optimizer.warmup_steps))
+        eval_results, eval_start = {}, {}
+        with StopSignals(acknowledge, abandon) as stop:
+
+            def stop_now(at: int) -> None:
+                """Saves ``at`` (unless it is saved already) and exits with the signal's status."""
+                if at > start_step and at not in checkpointer.steps():
+                    checkpointer.save(at, state, data_states())
+                checkpointer.wait()
+                name = signal.Signals(stop.requested).name
+                if at > start_step:
+                    console(f"{name}: saved step {at} to {checkpointer.directory}; exiting")
+                else:
+                    console(f"{name}: nothing trained since step {at}; exiting")
+                sys.exit(EXIT_STATUS[stop.requested])
+
+            start_step = step
+            if config.eval.at_start and sets and step == 0:
+                eval_start = run_eval(0)
+            progress = Progress(total, "training", unit="steps")
+            progress.count = step
+            last, last_time, last_metrics = step, time.perf_counter(), {}
+            while step < total:
+                if stop.requested and jax.process_count() == 1:
+                    stop_now(step)
+                batch = sharding.shard_batch(next(pipeline), mesh)
+                state, metrics = step_fn(state, batch)
+                step += 1
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm", "update_norm")):
+                    raise TrainingDiverged(
+                        f"step {step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}, update norm "
+                        f"{metrics['update_norm']}: training diverged; nothing of this step was saved, the last good "
+                        f"checkpoint is {checkpointer.steps()[-1] if checkpointer.steps() else 'none'} in "
+                        f"{checkpointer.directory}")
+                # A save that failed in the background stops the run now, not one interval later.
+                checkpointer.check()
+                progress.update(1)
+                if jax.process_count() > 1:
+                    # Every process must stop at the same step: a signal may reach them at different steps.
+                    signals = np.asarray(multihost_utils.process_allgather(np.asarray(stop.requested or 0)))
+                    if signals.any() and not stop.requested:
+                        stop.request(int(signals[signals > 0][0]))
+                warning = chance_watch.update(step, metrics["loss"])
+                if warning and primary:
+                    log.warning("%s", warning)
+                if step % int(config.log_every) == 0 or step == total:
+                    now = time.perf_counter()
+                    skipped = sum(s["skipped"] for s in data_states())
+                    last_metrics = {"step": step, **metrics,
+                                    "examples_per_sec": (step - last) * batch_size / (now - last_time),
+                                    "skipped_examples": skipped, "epoch": pipeline.epoch}
+                    last, last_time = step, now
+                    metrics_log.write(last_metrics)
+                    if writer is not None:
+                        for name, value in last_metrics.items():
+                            if name != "step":
+                                writer.add_scalar(f"train/{name}", value, step)
+                        writer.flush()
+                    # The objective's own headline: the contrastive temperature, or phase 1's cosine.
+                    extra = "".join(f"{name} {metrics[name]:.4f}, " for name in ("temperature", "logit_bias", "cosine")
+                                    if name in metrics)
+                    console(f"step {step}/{total}: loss {metrics['loss']:.4f}, lr {metrics['learning_rate']:.3g}, "
+                             f"{extra}{last_metrics['examples_per_sec']:.1f} examples/s, skipped {skipped}")
+                if step % int(config.checkpoint_every) == 0 or step == total:
+                    checkpointer.save(step, state, data_states())
+                if stop.requested:
+                    stop_now(step)
+                if config.eval_every and step % int(config.eval_every) == 0 and step < total:
+                    eval_results = run_eval(step)
+            export = os.path.join(workdir, EXPORT_DIR)
+            # A run that had finished before is not evaluated or exported again (a notebook or script
+            # re-running it gets its results at no cost).
+            done_before = restored is not None and restored[0] >= total
+            previous_evals = [r for r in read_metrics(workdir, "evals.jsonl") if r["step"] == step] \
+                if done_before and os.path.exists(eval_log.path) else []
+            if previous_evals:
+                eval_results = {k: v for k, v in previous_evals[-1].items() if k != "step"}
+            elif config.eval.at_end and sets:
+                eval_results = run_eval(step)
+            checkpointer.wait()
+            if not (done_before and os.path.isdir(export)):
+                model = exported(state)
+                model.eval()
+                model.name_or_path = processor_dir
+                model.save_pretrained(export, overwrite=True)
+            checkpointer.close()
+            checkpoint_closed = True
+    finally:
+        if progress is not None:
+            progress.close()
+        pipeline.close()
+        if not checkpoint_closed:
+            # Already leaving with an error: a failed background save must not hide it.
+            with contextlib.suppress(Exception):
+                checkpointer.close()
+        if writer is not None:
+            writer.close()
+    return {"step": step, "metrics": last_metrics, "eval": eval_results, "eval_start": eval_start}
+
+
+class ChanceWatch:
+    """Warns once when the loss has stayed at chance level (within 2%: the model has learned
+    nothing) for ``patience`` consecutive steps after the ``warmup`` steps; ``chance`` None or
+    ``patience`` 0 turns it off. Such a run can look alive, its temperature moving, while it only
+    spreads its predictions evenly."""
+
+    def __init__(self, chance: Optional[float], patience: int, warmup: int):
+        self.chance, self.patience, self.warmup = chance, patience, warmup
+        self.since: Optional[int] = None
+        self.warned = False
+
+    def update(self, step: int, loss: float) -> Optional[str]:
+        if self.chance is None or not self.patience or self.warned or step <= self.warmup:
+            return None
+        if loss < 0.98 * self.chance:
+            self.since = None
+            return None
+        self.since = step if self.since is None else self.since
+        if step - self.since + 1 < self.patience:
+            return None
+        self.warned = True
+        return (f"step {step}: the loss has stayed at chance level ({self.chance:.4f} for this batch) for "
+                f"{self.patience} steps since step {self.since}: the model is not learning; check the data (images "
+                "matched to their captions?), the learning rate and the temperature")
+
+
+def _headline(metrics: dict[str, float]) -> str:
+    if "top1" in metrics:
+        return f"top1 {metrics['top1']:.1f}%"
+    return f"R@1 t2i {metrics['t2i_r1']:.1f}% i2t {metrics['i2t_r1']:.1f}%"
+
+
