@@ -68,6 +68,11 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     return config
 
 
+# Not ml_collections' config_flags (tried with ml_collections 1.x): it refuses to override an entry
+# that is None (``model.vision.bn_group_size``: "Type NoneType ... is not supported for
+# overriding"), reads ``total_steps=1e4`` as an error, answers a misspelt key with a multi-line
+# AttributeError, and parses through absl's global FLAGS, which notebooks calling load_config do
+# not have. It would need as much code around it as this parser is.
 def _parse_value(text: str, current: Any) -> Any:
     if isinstance(current, bool):
         if text.lower() in ("true", "1", "yes"):
