@@ -3,6 +3,7 @@
     altjax-train --config demo --workdir DIR [--config.key=value ...]
     altjax-train --config configs/altclip_distill.py --workdir DIR --config.distill.teacher=CLIP_DIR
     altjax-train --config my_sweep.py:small --workdir DIR        # get_config("small")
+    altjax-train --config align_base --workdir DIR --dry-run     # compile only: memory, FLOPs, batch layout
 
 ``--config`` is a recipe shipped with altjax (``demo``, ``align_base``, ``altclip_distill``,
 ``altclip_contrastive``: the repository's ``configs/``) or a Python file whose ``get_config()``
@@ -18,6 +19,10 @@ A user's mistake (a config value, a workdir, a checkpoint that does not fit) is 
 Multi-host: ``--distributed`` calls ``jax.distributed.initialize()`` first (with
 ``--coordinator-address``, ``--num-processes`` and ``--process-id`` where JAX cannot find them in
 the environment); every process then reads its own rows of each global batch.
+
+``--dry-run`` checks the config as a run does, compiles its step for the current devices and prints
+the bytes per device (parameters, optimiser state, temporaries), the FLOPs of a step and the batch
+layout, then exits 0 without touching the workdir (:mod:`altjax.training.plan`).
 
 From Python: ``train(load_config("demo", ["total_steps=100"]), workdir)``, then
 ``read_metrics(workdir)`` and ``read_evals(workdir)``.
@@ -40,6 +45,7 @@ from altjax.training.checks import ConfigError
 from altjax.training.config import CONFIGS_DIR, apply_override, load_config, recipes
 from altjax.training.logs import MetricsLog, read_evals, read_metrics
 from altjax.training.loop import SIGINT_EXIT, SIGTERM_EXIT, ChanceWatch, TrainingDiverged, train
+from altjax.training.plan import format_plan, plan
 
 __all__ = ["CONFIGS_DIR", "ChanceWatch", "ConfigError", "MetricsLog", "SIGINT_EXIT", "SIGTERM_EXIT",
            "TrainingDiverged", "apply_override", "load_config", "main", "read_evals", "read_metrics", "recipes",
@@ -75,6 +81,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help=f"a recipe ({', '.join(recipes())}) or a Python file with get_config(); FILE:ARG calls "
                              "get_config(ARG)")
     parser.add_argument("--workdir", required=True, help="checkpoints, logs, metrics and the final model")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, compile the step for the current devices, print the bytes per "
+                             "device, the FLOPs of a step and the batch layout, and exit without writing anything "
+                             "(simulated CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() first (multi-host TPU pods, GPU clusters); on "
                              "Cloud TPU, SLURM, Open MPI and Kubernetes it finds the other processes itself")
@@ -104,7 +114,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ConfigError(
                     f"--distributed: {first}; outside Cloud TPU, SLURM, Open MPI and Kubernetes give "
                     "--coordinator-address, --num-processes and --process-id") from None
-        train(config, args.workdir)
+        if args.dry_run:
+            table = format_plan(plan(config))
+            if jax.process_index() == 0:
+                print(table)
+        else:
+            train(config, args.workdir)
     except USER_ERRORS + RUN_FAILURES as e:
         return report("altjax-train", e)
     except OSError as e:

@@ -35,7 +35,7 @@ RESUMABLE_CHANGES = (
     "total_steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints", "async_checkpoints",
     "eval.", "data.num_threads", "data.prefetch", "remat", "remat_policy", "warn_chance_steps",
     "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.decay", "optimizer.end_factor",
-    "optimizer.grad_clip_norm", "model.dtype",
+    "optimizer.grad_clip_norm", "model.dtype", "compilation_cache_dir",
 )
 
 

@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.async_checkpoints = True
     # No chance level for a regression: nothing to warn about.
     c.warn_chance_steps = 0
+    c.compilation_cache_dir = "~/.cache/altjax/xla"  # compiled programs kept for restarts ("": off)
     c.grad_accum_steps = 1
     c.mesh = dict(data=-1, model=1)
     c.remat = False

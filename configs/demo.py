@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Warn when the loss has stayed at chance level (it has learned nothing) this many steps after
     # warmup; 0: never.
     c.warn_chance_steps = 100
+    c.compilation_cache_dir = "~/.cache/altjax/xla"  # compiled programs kept for restarts ("": off)
     c.grad_accum_steps = 1
     c.mesh = dict(data=-1, model=1)
     # Rematerialisation of each tower in the backward pass (jax.checkpoint_policies name).

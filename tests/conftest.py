@@ -3,7 +3,10 @@
 The environment variables must be set before jax is imported anywhere, which is why this file
 sets them at import time rather than in a fixture.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -12,6 +15,11 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Training runs turn JAX's persistent compilation cache on (config.compilation_cache_dir, under the
+# user's home) unless JAX has one already: the tests' runs keep theirs in a temporary directory.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="altjax-test-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 

@@ -474,3 +474,29 @@ def test_the_chance_watch_warns_once_after_patience_steps_at_chance_past_warmup(
     assert list(fired) == [7] and "since step 5" in fired[7], f"warnings at {fired}"
     assert not any(train.ChanceWatch(None, 3, 0).update(s, 9.0) for s in range(1, 10)), "no chance level: no warning"
     assert not any(train.ChanceWatch(2.0, 0, 0).update(s, 9.0) for s in range(1, 10)), "patience 0: no warning"
+
+
+def test_unreadable_evaluation_images_are_skipped_counted_and_named(data, tmp_path, caplog, monkeypatch):
+    """An evaluation set with a damaged image: the run goes on, the image is left out of the
+    metrics, eval_results.json counts it and a warning names the file."""
+    folder = tmp_path / "evalset"
+    folder.mkdir()
+    lines = []
+    for i in range(8):
+        example = scenes.generate_example(0, "test", i, 32)
+        (folder / f"{i}.jpg").write_bytes(scenes.encode_jpeg(example["image"]))
+        lines.append(f"{i}.jpg\t{example['caption_en']}")
+    (folder / "3.jpg").write_bytes(b"not a jpeg")
+    (folder / "captions.tsv").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)  # eval.datasets names a folder relative to the working directory
+    config = train.load_config(DEMO, overrides(data, "total_steps=2", "eval.at_end=true",
+                                               "eval.datasets=('retrieval/evalset/en',)", "eval.split="))
+    with caplog.at_level("WARNING", logger="altjax.train"):
+        result = train.train(config, str(tmp_path / "run"))
+    metrics = result["eval"][f"retrieval/{folder.name}/en"]
+    assert metrics["skipped_images"] == 1, metrics
+    assert 0 <= metrics["t2i_r1"] <= 100, metrics
+    saved = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert saved[f"retrieval/{folder.name}/en"]["skipped_images"] == 1, saved
+    warned = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(warned) == 1 and "3.jpg" in warned[0] and "skipped 1 of 8" in warned[0], warned

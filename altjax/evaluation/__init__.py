@@ -15,6 +15,8 @@ from altjax.evaluation.datasets import (
 )
 from altjax.evaluation.embed import (
     Embedder,
+    SkippedImages,
+    UnreadableImageError,
     build_classifier,
     evaluate_retrieval,
     evaluate_zeroshot,
@@ -48,6 +50,8 @@ __all__ = [
     "image_folder_retrieval",
     "load_dataset",
     "Embedder",
+    "SkippedImages",
+    "UnreadableImageError",
     "build_classifier",
     "evaluate_retrieval",
     "evaluate_zeroshot",

@@ -337,6 +337,7 @@ def check_common(c: Checker) -> list[str]:
     c.integer("keep_checkpoints", 1)
     c.integer("grad_accum_steps", 1)
     c.integer("warn_chance_steps", 0)
+    c.string("compilation_cache_dir")
     c.boolean("async_checkpoints")
     c.boolean("remat")
     policy = c.string("remat_policy")

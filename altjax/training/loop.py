@@ -31,6 +31,7 @@ On several hosts every process runs :func:`train` and reads its own rows of each
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -51,14 +52,15 @@ from jax.experimental import multihost_utils
 from altjax import fsutil, sharding
 from altjax import workdir as workdirs
 from altjax.data import scenes
-from altjax.evaluation import ClassificationSet, RetrievalSet, evaluate_retrieval, evaluate_zeroshot, evaluation_key
+from altjax.evaluation import (ClassificationSet, RetrievalSet, SkippedImages, evaluate_retrieval, evaluate_zeroshot,
+                               evaluation_key)
 from altjax.evaluation import load_dataset
 from altjax.evaluation.results import write_results
 from altjax.model_io import directories
 from altjax.progress import Progress
 from altjax.stop_signals import EXIT_STATUS, StopSignals
 from altjax.tensorboard import EventWriter
-from altjax.training import optim, tasks
+from altjax.training import compile_cache, optim, tasks
 from altjax.training.checkpoints import Checkpointer
 from altjax.training.config import validate
 from altjax.training.logs import MetricsLog, console, read_metrics
@@ -101,11 +103,20 @@ def evaluation_sets(config) -> dict[str, Any]:
 
 
 def evaluate(model, processor, sets: dict[str, Any], *, mesh, batch_size: int, text_length: int) -> dict:
-    """Runs every evaluation of ``sets`` on ``model``; ``{key: metrics}`` in percent."""
+    """Runs every evaluation of ``sets`` on ``model``; ``{key: metrics}`` in percent. Images that
+    cannot be read are left out, as altjax-eval does: a warning names them and the metrics of that
+    evaluation gain ``skipped_images`` (their count), so a damaged evaluation set cannot pass for
+    an intact one."""
     results = {}
     for key, dataset in sets.items():
         fn = evaluate_zeroshot if key.startswith("zeroshot/") else evaluate_retrieval
-        results[key] = fn(model, processor, dataset, mesh=mesh, batch_size=batch_size, text_length=text_length)
+        skipped = SkippedImages()
+        results[key] = fn(model, processor, dataset, mesh=mesh, batch_size=batch_size, text_length=text_length,
+                          skipped=skipped)
+        if skipped.count:
+            log.warning("%s: skipped %d of %d images that cannot be read: %s", key, skipped.count,
+                        len(dataset.images), "; ".join(skipped.examples))
+            results[key]["skipped_images"] = float(skipped.count)
     return results
 
 
@@ -224,28 +235,57 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class RunParts:
+    """What a run is built from besides its train state: the model's ``graphdef``, the optimiser
+    ``tx``, the ``objective`` and the ``processor`` (saved in the build directory)."""
+
+    graphdef: Any
+    tx: Any
+    objective: Any
+    processor: Any
+
+
+def build_run(config, directory: str, mesh) -> tuple[RunParts, dict]:
+    """``(parts, state)`` of a fresh run of ``config``: the task's model in training mode, with the
+    SigLIP bias its objective asks for, split into the unsharded train state
+    (:func:`~altjax.training.step.init_state`). Under ``jax.eval_shape`` nothing is computed:
+    ``altjax-train --dry-run`` (:mod:`altjax.training.plan`) takes the state's shapes this way, so
+    that the step it compiles is the one a run trains."""
     task = tasks.TASKS[config.task]
-    primary = jax.process_index() == 0
-    total, batch_size, accum = int(config.total_steps), int(config.batch_size), int(config.grad_accum_steps)
-    mesh = sharding.make_mesh(**config.mesh)
-    processor_dir = os.path.join(workdir, "processor")
-    # The processor is built in a private staging directory and published into the workdir only
-    # once the run has been built: a run that fails to build leaves the workdir as it was.
-    model, processor = task.build(config, staging, mesh)
+    model, processor = task.build(config, directory, mesh)
     model.train()
     objective = task.objective(config)
     if objective.logit_bias is not None:
         attach_logit_bias(model, objective.logit_bias)
     trainable = optim.trainable_filter(config.freeze)
-    tx = optim.build(config.optimizer, total, nnx.state(model, trainable))
+    tx = optim.build(config.optimizer, int(config.total_steps), nnx.state(model, trainable))
     graphdef, state = init_state(model, trainable, tx)
-    del model
+    return RunParts(graphdef, tx, objective, processor), state
+
+
+def build_step(config, parts: RunParts, mesh, shardings):
+    """The jitted train step of a run; ``shardings``: the train state's, in and out."""
+    return make_train_step(parts.graphdef, parts.objective, parts.tx, mesh=mesh,
+                           accum_steps=int(config.grad_accum_steps),
+                           learning_rate=optim.schedule(config.optimizer, int(config.total_steps)),
+                           state_shardings=shardings, batch_sharding=sharding.batch_sharding(mesh))
+
+
+def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
+    compile_cache.enable(config.compilation_cache_dir)
+    task = tasks.TASKS[config.task]
+    primary = jax.process_index() == 0
+    total, batch_size = int(config.total_steps), int(config.batch_size)
+    mesh = sharding.make_mesh(**config.mesh)
+    processor_dir = os.path.join(workdir, "processor")
+    # The processor is built in a private staging directory and published into the workdir only
+    # once the run has been built: a run that fails to build leaves the workdir as it was.
+    parts, state = build_run(config, staging, mesh)
+    graphdef, objective, processor = parts.graphdef, parts.objective, parts.processor
     shardings = sharding.state_shardings(jax.eval_shape(lambda s: s, state), mesh)
     state = jax.jit(lambda s: s, out_shardings=shardings)(state)
-    step_fn = make_train_step(graphdef, objective, tx, mesh=mesh, accum_steps=accum,
-                              learning_rate=optim.schedule(config.optimizer, total), state_shardings=shardings,
-                              batch_sharding=sharding.batch_sharding(mesh))
+    step_fn = build_step(config, parts, mesh, shardings)
     pipeline = task.pipeline(config, processor, staging, mesh)
     sets = evaluation_sets(config) if config.eval_every or config.eval.at_end or config.eval.at_start else {}
 
