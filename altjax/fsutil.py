@@ -5,13 +5,29 @@ output written into a temporary sibling and renamed into place would stay privat
 a shared filesystem. Everything here gives what ``os.makedirs`` / ``open`` would have given under
 the current umask: ``0o777 & ~umask`` for directories, ``0o666 & ~umask`` for files (``0o777 &
 ~umask`` for files that were executable).
+
+A path may also be remote (``gs://bucket/run``: :func:`is_remote`), read and written through
+``etils.epath``. Permissions do not apply there (:func:`apply_umask` leaves it alone), and an
+object store has no directories of its own, no appends and no atomic rename of a directory:
+:func:`write_remote` and :func:`publish_remote_dir` write such paths.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
 import tempfile
+
+from etils import epath
+
+# The URI schemes epath sends to a remote filesystem; every other path is a local one.
+REMOTE_PREFIXES = ("gs://", "s3://", "az://", "hf://")
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an object in a remote store (``gs://``, ``s3://``, ...)."""
+    return os.fspath(path).startswith(REMOTE_PREFIXES)
 
 
 def current_umask() -> int:
@@ -38,7 +54,9 @@ def _mode(st_mode: int, mask: int) -> int:
 def apply_umask(path: str | os.PathLike, *, recursive: bool = True) -> None:
     """Gives ``path`` (and, when it is a directory and ``recursive``, everything under it) the mode
     ``os.makedirs`` / ``open`` would have given it under the current umask. Symbolic links are
-    left alone (neither changed nor followed)."""
+    left alone (neither changed nor followed), and so are remote paths (they have no modes)."""
+    if is_remote(path):
+        return
     mask = current_umask()
     path = os.fspath(path)
 
@@ -100,3 +118,56 @@ def replace_path(new: str, path: str) -> None:
         shutil.rmtree(aside, ignore_errors=True)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def write_remote(path: str | os.PathLike, data: bytes) -> None:
+    """Writes the remote file ``path`` through a temporary sibling renamed into place. An object
+    store makes a single object write atomic anyway (readers see the old or the new object, never
+    a part); the rename keeps the same guarantee on remote filesystems that are not object stores."""
+    target = epath.Path(path)
+    tmp = target.parent / f"{target.name}.tmp-{os.getpid()}"
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def publish_remote_dir(local: str | os.PathLike, target: str | os.PathLike, *, last: tuple[str, ...] = ()) -> None:
+    """Puts the finished local directory ``local`` at the remote directory ``target``, replacing
+    what is there.
+
+    Everything is uploaded into a temporary sibling first, so a failed upload leaves ``target``
+    as it was. Then ``target`` is removed and the sibling renamed to it: an object store renames a
+    directory one object at a time (a copy and a delete each, quick within a bucket but not
+    atomic), so the top-level files named in ``last`` are uploaded only after the rename; a reader
+    that needs them (a model directory's ``config.json``) never sees a partial directory."""
+    local, target = os.fspath(local), epath.Path(target)
+    fresh = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    try:
+        fresh.rmtree(missing_ok=True)  # what a killed attempt of this process id left
+        for root, _, files in os.walk(local):
+            relative = os.path.relpath(root, local)
+            # No mkdir: objects need no parent directories (and a store's mkdir may create a bucket).
+            directory = fresh if relative == "." else fresh / relative
+            for name in files:
+                if relative != "." or name not in last:
+                    _upload(os.path.join(root, name), directory / name)
+        if target.exists():
+            target.rmtree()
+        if fresh.exists():  # nothing was uploaded when every file is in ``last``
+            fresh.rename(target)
+        for name in last:
+            if os.path.isfile(os.path.join(local, name)):
+                _upload(os.path.join(local, name), target / name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fresh.rmtree(missing_ok=True)
+        raise
+
+
+def _upload(file: str, dst: epath.Path) -> None:
+    with open(file, "rb") as src, dst.open("wb") as out:
+        shutil.copyfileobj(src, out, 1 << 22)

@@ -12,6 +12,11 @@ protocol buffers. Only the few fields scalars need are encoded, by hand:
 A resumed run passes ``purge_step``: the file starts with a SessionLog START at that step, which
 tells TensorBoard to drop what earlier files logged at that step and after (the steps the run
 repeats after going back to its checkpoint).
+
+``logdir`` may be remote (``gs://...``). An object store cannot append to an object, so there the
+writer keeps the file's bytes and rewrites the whole object at each :meth:`EventWriter.flush`
+(readers see it whole, as of a flush); past :data:`REMOTE_FILE_BYTES` it starts a new file, which
+TensorBoard reads after the earlier ones, so that a long run does not upload an ever larger file.
 """
 from __future__ import annotations
 
@@ -21,7 +26,12 @@ import struct
 import time
 from typing import Optional
 
+from etils import epath
+
+from altjax import fsutil
 from altjax.data.tfrecord import frame
+
+REMOTE_FILE_BYTES = 4 << 20
 
 
 def _varint(n: int) -> bytes:
@@ -57,26 +67,50 @@ def scalar_summary(tag: str, value: float) -> bytes:
 
 
 class EventWriter:
-    """Appends scalar events to a new event file in ``logdir`` (what TensorBoard reads)."""
+    """Appends scalar events to a new event file in ``logdir`` (what TensorBoard reads); ``path``
+    is the file being written."""
 
     def __init__(self, logdir: str, *, purge_step: Optional[int] = None):
-        os.makedirs(logdir, exist_ok=True)
-        self.path = os.path.join(logdir, f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}")
-        self._file = open(self.path, "ab")
-        self._write(_event(0, file_version="brain.Event:2"))
+        self.logdir = os.fspath(logdir)
+        self._remote = fsutil.is_remote(self.logdir)
+        if not self._remote:  # objects need no parent directories
+            os.makedirs(self.logdir, exist_ok=True)
+        self._file = None
+        self._open()
         if purge_step is not None:
             self._write(_event(purge_step, session_start=True))
         self.flush()
 
+    def _open(self) -> None:
+        self.path = os.path.join(self.logdir, f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}")
+        if self._remote:
+            self._buffer, self._flushed = bytearray(), -1
+        else:
+            self._file = open(self.path, "ab")
+        self._write(_event(0, file_version="brain.Event:2"))
+
     def _write(self, event: bytes) -> None:
-        self._file.write(frame(event))
+        if self._remote:
+            self._buffer += frame(event)
+        else:
+            self._file.write(frame(event))
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         """Logs ``value`` under ``tag`` at ``step``."""
         self._write(_event(step, summary=scalar_summary(tag, value)))
 
     def flush(self) -> None:
-        self._file.flush()
+        if not self._remote:
+            self._file.flush()
+            return
+        if len(self._buffer) != self._flushed:
+            epath.Path(self.path).write_bytes(bytes(self._buffer))
+            self._flushed = len(self._buffer)
+        if self._flushed > REMOTE_FILE_BYTES:
+            self._open()
 
     def close(self) -> None:
-        self._file.close()
+        if self._remote:
+            self.flush()
+        else:
+            self._file.close()

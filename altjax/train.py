@@ -32,7 +32,9 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
+import traceback
 from typing import Optional, Sequence
 
 import jax
@@ -45,6 +47,7 @@ from altjax.training.checks import ConfigError
 from altjax.training.config import CONFIGS_DIR, apply_override, load_config, recipes
 from altjax.training.logs import MetricsLog, read_evals, read_metrics
 from altjax.training.loop import SIGINT_EXIT, SIGTERM_EXIT, ChanceWatch, TrainingDiverged, train
+from altjax.training import peers
 from altjax.training.plan import format_plan, plan
 
 __all__ = ["CONFIGS_DIR", "ChanceWatch", "ConfigError", "MetricsLog", "SIGINT_EXIT", "SIGTERM_EXIT",
@@ -104,11 +107,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         overrides.append(item)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        status = _run(args, overrides)
+    except SystemExit as stop:  # a signal's agreed stop, after saving
+        if not args.distributed:
+            raise
+        status = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        if not args.distributed:
+            raise
+        traceback.print_exc()
+        status = 1
+    if args.distributed and status not in (0, SIGINT_EXIT, SIGTERM_EXIT):
+        # A failed run does not meet its peers in JAX's shutdown: a process that failed alone has
+        # ended them (altjax.training.peers), and process 0 has waited for them to leave first.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    if args.distributed:
+        peers.shutdown()
+    return status
+
+
+def _run(args, overrides: list[str]) -> int:
+    try:
         config = load_config(args.config, overrides)
         if args.distributed:
             try:
-                jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                                           num_processes=args.num_processes, process_id=args.process_id)
+                # JAX's own heartbeat aborts the process with a stack dump: it must not fire before
+                # altjax's peer watch, which ends the run with one line (altjax.training.peers).
+                peers.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                                 process_id=args.process_id,
+                                 heartbeat_timeout_s=max(100, int(config.peer_timeout_s) + 30))
             except (ValueError, RuntimeError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ConfigError(

@@ -92,8 +92,8 @@ def main() -> None:
                     def make_pipeline(source, threads=threads, prefetch=prefetch):
                         return pipeline.InputPipeline(
                             source, batch_size=args.batch_size, image=transform,
-                            texts=preprocess.TextField(tokenizer, max_length=32), seed=0, process_index=0,
-                            process_count=1, num_threads=threads, prefetch=prefetch)
+                            texts=preprocess.TextField(tokenizer, max_length=32), seed=0, num_threads=threads,
+                            prefetch=prefetch)
                     figures.append(_throughput(make_source, make_pipeline, args.batches, args.repeats))
                 label = augment or "eval (resize+crop)"
                 print(f"{name:32s} {label:20s} {figures[0]:9.0f} {figures[1]:10.0f} {figures[1] / cores:7.0f}")

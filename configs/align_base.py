@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
     # warmup; 0: never.
     c.warn_chance_steps = 2000
     c.compilation_cache_dir = "~/.cache/altjax/xla"  # compiled programs kept for restarts ("": off)
+    # Several processes: one whose peer stays silent this long (a crash, a lost host) ends the run
+    # with one line (seconds; 0: never).
+    c.peer_timeout_s = 10.0
     c.grad_accum_steps = 1
     c.mesh = dict(data=-1, model=1)
     c.remat = True

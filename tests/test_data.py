@@ -14,6 +14,7 @@ from PIL import Image
 from transformers import BertTokenizerFast
 
 from altjax.data import example, pipeline, preprocess, scenes, sources, tfrecord, webdataset
+from altjax.data import order as data_order
 from altjax.processing import preprocess_images
 
 N = 24  # records in the synthetic image-text fixtures
@@ -90,9 +91,27 @@ def _pipeline(source, tokenizer, **kwargs):
     config = preprocess.align_image_config(24)
     options = dict(batch_size=4, image=preprocess.ImageTransform(config, "random_resized_crop", scale=(0.5, 1.0)),
                    texts=preprocess.TextField(tokenizer, max_length=16), extra_keys=("id",), seed=7,
-                   process_index=0, process_count=1, num_threads=2)
+                   num_threads=2)
     options.update(kwargs)
     return pipeline.InputPipeline(source, **options)
+
+
+def _slots_read(num_records, batch_size, bad, *, seed=7, epochs=1, shuffle=True, drop_remainder=True):
+    """The record of every row of every batch, and the number of records skipped, as
+    :mod:`altjax.data.order` defines them: the global order, a bad record's row taking the
+    replacement drawn for that row."""
+    rows, skipped = [], 0
+    for epoch in range(epochs):
+        order = data_order.permutation(seed, epoch, num_records, shuffle)
+        count = data_order.batches_per_epoch(num_records, batch_size, drop_remainder) * batch_size
+        for slot in range(min(count, num_records)):
+            record, attempt = int(order[slot]), 0
+            while record in bad:
+                skipped += 1
+                attempt += 1
+                record = data_order.replacement(seed, epoch, slot, attempt, num_records)
+            rows.append(record)
+    return rows, skipped
 
 
 def _assert_batches_equal(actual, expected, what):
@@ -238,8 +257,7 @@ def test_tfds_dataset_by_name_with_nested_captions(tmp_path, tokenizer):
     source = sources.TfdsSource("toy_captions", "train", data_dir=str(tmp_path), caption_key="captions/text")
     assert len(source) == 6, f"{len(source)} records"
     with pipeline.InputPipeline(source, batch_size=6, image=preprocess.ImageTransform(preprocess.clip_image_config(16)),
-                                texts=preprocess.TextField(tokenizer, max_length=12), num_epochs=30,
-                                process_index=0, process_count=1) as p:
+                                texts=preprocess.TextField(tokenizer, max_length=12), num_epochs=30) as p:
         batches = list(p)
     drawn = set()
     for batch in batches:
@@ -293,7 +311,7 @@ def test_exact_resume(tfrecord_files, tokenizer, prefetch):
         for _ in range(7):
             next(p)
         state = json.loads(json.dumps(p.get_state()))
-    assert state["epoch"] == 1 and state["position"] == 4, f"state after 7 batches of 4 from 24: {state}"
+    assert state["epoch"] == 1 and state["batch"] == 1, f"state after 7 batches of 4 from 24: {state}"
     with _pipeline(sources.TFRecordSource(tfrecord_files), tokenizer, prefetch=prefetch) as p:
         p.set_state(state)
         resumed = [next(p) for _ in range(5)]
@@ -303,24 +321,46 @@ def test_exact_resume(tfrecord_files, tokenizer, prefetch):
             p.set_state(state)
 
 
-def test_processes_read_disjoint_parts_that_cover_the_data(tfrecord_files, tokenizer):
-    seen = []
-    for process in range(2):
-        with _pipeline(sources.TFRecordSource(tfrecord_files), tokenizer, num_epochs=1, process_index=process,
-                       process_count=2, batch_size=3) as p:
-            seen.append(np.concatenate([b["id"] for b in p]).tolist())
-    assert len(seen[0]) == len(seen[1]) == N // 2, f"process shares {len(seen[0])}, {len(seen[1])} != {N // 2}"
-    assert not set(seen[0]) & set(seen[1]), f"both processes read {sorted(set(seen[0]) & set(seen[1]))}"
-    assert sorted(seen[0] + seen[1]) == list(range(N)), f"together they read {sorted(seen[0] + seen[1])}"
-    # Without drop_remainder an odd count is still covered, the shares differing by one.
-    with _pipeline(sources.TFRecordSource(tfrecord_files), tokenizer, num_epochs=1, process_index=1,
-                   process_count=5, batch_size=2, drop_remainder=False, shuffle=False) as p:
-        ids = np.concatenate([b["id"] for b in p]).tolist()
-    assert ids == list(range(1, N, 5)), f"process 1 of 5 in order reads {ids}"
-    # By default the layout is jax's: one process here.
-    with _pipeline(sources.TFRecordSource(tfrecord_files), tokenizer, process_index=None, process_count=None) as p:
-        layout = (p.get_state()["process_index"], p.get_state()["process_count"])
-    assert layout == (0, 1), f"default process layout {layout}"
+def test_any_split_of_the_rows_reads_the_same_global_batches(tfrecord_files, tokenizer):
+    """Processes loading their rows of each global batch together read exactly what one process
+    loading every row reads, whatever the split, and a state saved under one split resumes under
+    another."""
+    def read(rows, batches=8, state=None):
+        with _pipeline(sources.TFRecordSource(tfrecord_files), tokenizer, batch_size=8, rows=rows) as p:
+            if state is not None:
+                p.set_state(state)
+            return [next(p) for _ in range(batches)], p.get_state()
+
+    whole, whole_state = read(None)
+    ids = np.stack([b["id"] for b in whole])
+    # 24 records, batches of 8: each epoch's three batches are its permutation, cut in order.
+    for epoch in range(2):
+        order = data_order.permutation(7, epoch, N)
+        assert ids[3 * epoch:3 * epoch + 3].reshape(-1).tolist() == order.tolist(), \
+            f"epoch {epoch}: ids {ids[3 * epoch:3 * epoch + 3].tolist()} are not its global order"
+    for rows in ([np.arange(0, 4), np.arange(4, 8)], [np.arange(i, i + 2) for i in range(0, 8, 2)],
+                 [np.asarray([0, 1, 4, 5]), np.asarray([2, 3, 6, 7])]):
+        parts = [read(r)[0] for r in rows]
+        for b in range(8):
+            for key in whole[b]:
+                got = np.concatenate([part[b][key] for part in parts])
+                want = whole[b][key][np.concatenate(rows)]
+                assert np.array_equal(got, want), f"rows {[r.tolist() for r in rows]}: batch {b} {key} differs"
+    # Four batches on one process, then four on two processes from its state.
+    _, state = read(None, batches=4)
+    resumed = [read(rows, batches=4, state=json.loads(json.dumps(state)))[0] for rows in (np.arange(4), np.arange(4, 8))]
+    for b in range(4):
+        got = np.concatenate([resumed[0][b]["id"], resumed[1][b]["id"]])
+        assert got.tolist() == whole[4 + b]["id"].tolist(), f"resumed on two processes: batch {4 + b} {got.tolist()}"
+    assert whole_state["epoch"] == 2 and whole_state["batch"] == 2, f"state after 8 batches of 8 from 24: {whole_state}"
+    with pytest.raises(ValueError, match="not all within a global batch of 8"):
+        read([6, 7, 8])
+    with pytest.raises(ValueError, match="batch_size=8, this pipeline has batch_size=4"):
+        with _pipeline(sources.TFRecordSource(tfrecord_files), tokenizer, batch_size=4) as p:
+            p.set_state(whole_state)
+    with pytest.raises(ValueError, match="drop_remainder=False needs"):
+        _pipeline(sources.TFRecordSource(tfrecord_files), tokenizer, batch_size=8, rows=[0, 1],
+                  drop_remainder=False)
 
 
 def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, samples, tokenizer, caplog):
@@ -333,11 +373,15 @@ def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, samples, tokeni
                        batch_size=2) as p:
             batches = list(p)
             skipped, state = p.skipped, p.get_state()
-    ids = sorted(np.concatenate([b["cls"] for b in batches]).tolist())
-    assert ids == [i for i in range(N) if i not in (3, 17)], f"ids read {ids}"
-    assert skipped == 2 and state["skipped"] == 2, f"skipped {skipped} (state {state['skipped']}), expected 2"
+    ids = np.concatenate([b["cls"] for b in batches]).tolist()
+    expected, expected_skipped = _slots_read(N, 2, {3, 17})
+    # Each damaged record's row holds its replacement: every other record once, in the global order.
+    assert ids == expected, f"ids read {ids}, expected {expected}"
+    assert not {3, 17} & set(ids) and set(range(N)) - {3, 17} <= set(ids), f"ids read {sorted(ids)}"
+    assert skipped == expected_skipped >= 2 and state["skipped"] == skipped, \
+        f"skipped {skipped} (state {state['skipped']}), expected {expected_skipped}"
     logged = [r.getMessage() for r in caplog.records if "skipped unreadable record" in r.getMessage()]
-    assert len(logged) == 2 and "000000003" in " ".join(logged) and "000000017" in " ".join(logged), logged
+    assert len(logged) == skipped and "000000003" in " ".join(logged) and "000000017" in " ".join(logged), logged
 
     # A tar cut in the middle keeps the samples before the cut and reports the damage.
     cut = str(tmp_path / "cut.tar")
@@ -391,8 +435,7 @@ def test_parallel_captions_and_scenes_labels(scenes_builder, tokenizer):
     config = preprocess.clip_image_config(32)
     texts = [preprocess.TextField(tokenizer, "caption_en", 24), preprocess.TextField(tokenizer, "caption_zh", 24, "zh_")]
     with pipeline.InputPipeline(source, batch_size=8, image=preprocess.ImageTransform(config), texts=texts,
-                                extra_keys=("label",), num_epochs=1, shuffle=False, process_index=0,
-                                process_count=1) as p:
+                                extra_keys=("label",), num_epochs=1, shuffle=False) as p:
         batch = next(p)
     assert {"input_ids", "zh_input_ids", "zh_attention_mask", "label"} <= batch.keys(), sorted(batch)
     english = [source[i]["caption_en"].decode() for i in range(8)]
@@ -431,16 +474,19 @@ def _empty_caption_source(kind, tmp_path, samples):
 def test_empty_captions_are_skipped_counted_and_logged(kind, tmp_path, samples, tokenizer, caplog):
     source, id_key = _empty_caption_source(kind, tmp_path, samples)
     with caplog.at_level(logging.WARNING, logger="altjax.data"):
-        with _pipeline(source, tokenizer, extra_keys=(id_key,), num_epochs=1, batch_size=3,
+        with _pipeline(source, tokenizer, extra_keys=(id_key,), num_epochs=1, batch_size=5, shuffle=False,
                        drop_remainder=False) as p:
             batches = list(p)
             skipped, state = p.skipped, p.get_state()
-    ids = sorted(np.concatenate([b[id_key] for b in batches]).tolist())
-    assert ids == [i for i in range(N) if i not in EMPTY], f"{kind}: ids read {ids}"
-    assert skipped == len(EMPTY) and state["skipped"] == len(EMPTY), f"{kind}: skipped {skipped}, expected {len(EMPTY)}"
+    ids = np.concatenate([b[id_key] for b in batches]).tolist()
+    expected, expected_skipped = _slots_read(N, 5, set(EMPTY), shuffle=False, drop_remainder=False)
+    assert [len(b[id_key]) for b in batches] == [5] * (N // 5) + [N % 5], f"{kind}: batch sizes"
+    assert ids == expected and not set(EMPTY) & set(ids), f"{kind}: ids read {ids}, expected {expected}"
+    assert skipped == expected_skipped >= len(EMPTY) and state["skipped"] == skipped, \
+        f"{kind}: skipped {skipped}, expected {expected_skipped}"
     logged = [r.getMessage() for r in caplog.records if "with an empty caption" in r.getMessage()]
-    assert len(logged) == len(EMPTY), f"{kind}: {logged}"
-    assert all("EmptyCaptionError" in m for m in logged) and "3 skipped so far" in logged[-1], logged
+    assert len(logged) == skipped, f"{kind}: {logged}"
+    assert all("EmptyCaptionError" in m for m in logged) and f"{skipped} skipped so far" in logged[-1], logged
 
 
 class EmptyCaptions(tfds.core.GeneratorBasedBuilder):
@@ -471,11 +517,13 @@ def test_empty_captions_in_caption_lists_tfds_and_multilingual(tmp_path, tokeniz
     with caplog.at_level(logging.WARNING, logger="altjax.data"):
         with pipeline.InputPipeline(source, batch_size=5, image=preprocess.ImageTransform(preprocess.clip_image_config(16)),
                                     texts=preprocess.TextField(tokenizer, max_length=12), extra_keys=("id",),
-                                    num_epochs=10, process_index=0, process_count=1) as p:
+                                    num_epochs=10) as p:
             batches = list(p)
             skipped = p.skipped
-    # Example 1 (every caption blank) is skipped each epoch; example 3 always gets its real caption.
-    assert skipped == 10, f"skipped {skipped}, expected 10 (example 1 in each of 10 epochs)"
+    # Example 1 (every caption blank) is skipped wherever it comes; example 3 always gets its real caption.
+    blank = {i for i in range(len(source)) if int(source[i]["id"]) == 1}  # tfds stores records in its own order
+    _, expected_skipped = _slots_read(6, 5, blank, seed=0, epochs=10)
+    assert skipped == expected_skipped >= 8, f"skipped {skipped}, expected {expected_skipped}"
     rows = [(int(i), tokenizer.decode(t, skip_special_tokens=True)) for b in batches for i, t in zip(b["id"], b["input_ids"])]
     assert {i for i, _ in rows} == {0, 2, 3, 4, 5}, sorted({i for i, _ in rows})
     assert {t for i, t in rows if i == 3} == {"the only real caption"}, {t for i, t in rows if i == 3}

@@ -205,7 +205,6 @@ def test_phase2_pipeline_reads_bilingual_webdataset_shards(tmp_path):
     """Phase 2 from WebDataset shards with ``KEY.en.txt`` and ``KEY.zh.txt``: every text is one of
     the record's two captions, both languages occur, and a source without caption_keys is refused."""
     from altjax.data import scenes, webdataset
-    from altjax.sharding import make_mesh
 
     records = [scenes.generate_example(0, "train", i, 32) for i in range(16)]
     webdataset.write_shard(tmp_path / "shard-0.tar", [
@@ -216,12 +215,11 @@ def test_phase2_pipeline_reads_bilingual_webdataset_shards(tmp_path):
     c.data.source, c.data.files, c.data.image_key = "webdataset", str(tmp_path / "shard-*.tar"), "jpg"
     tokenizer = scenes_xlmr_tokenizer(str(tmp_path / "tok"))
     processor = clip_task.processor_for(tokenizer, 32, str(tmp_path / "proc"), 40)
-    mesh = make_mesh(data=-1, model=1)
     with pytest.raises(ValueError, match=r"data.caption_keys"):
-        clip_task.pipeline(c, processor, str(tmp_path / "proc"), mesh)
+        clip_task.pipeline(c, processor, str(tmp_path / "proc"), None)
 
     c.data.caption_keys = ("en.txt", "zh.txt")
-    pipeline = clip_task.pipeline(c, processor, str(tmp_path / "proc"), mesh)
+    pipeline = clip_task.pipeline(c, processor, str(tmp_path / "proc"), None)  # one process: every row
     rows = [tuple(row) for _ in range(6) for row in next(pipeline)["input_ids"].tolist()]
     pipeline.close()
     tokens = {lang: {tuple(ids) for ids in tokenizer([r[f"caption_{lang}"] for r in records], padding="max_length",

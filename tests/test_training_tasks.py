@@ -27,24 +27,25 @@ class ToyDualEncoder(nnx.Module):
 
 
 class ToyPipeline:
-    """Pairs of noisy copies of one random vector; batch ``position`` is a function of the seed and
-    the position alone, so a resumed pipeline continues where the checkpoint says."""
+    """Pairs of noisy copies of one random vector: global batch ``batch`` is a function of the seed
+    and its number alone, of which the pipeline gives its ``rows``, so a resumed pipeline continues
+    where the checkpoint says on any topology."""
 
-    def __init__(self, batch_size: int, seed: int):
-        self.batch_size, self.seed, self.position, self.epoch = batch_size, seed, 0, 0
+    def __init__(self, batch_size: int, seed: int, rows):
+        self.batch_size, self.seed, self.rows, self.batch, self.epoch = batch_size, seed, rows, 0, 0
 
     def __next__(self):
-        rng = np.random.default_rng([self.seed, self.position])
-        self.position += 1
+        rng = np.random.default_rng([self.seed, self.batch])
+        self.batch += 1
         x = rng.normal(size=(self.batch_size, DIM)).astype(np.float32)
         noise = 0.1 * rng.normal(size=x.shape).astype(np.float32)
-        return {"image": x, "text": x + noise}
+        return {"image": x[self.rows], "text": (x + noise)[self.rows]}
 
     def get_state(self):
-        return {"epoch": self.epoch, "position": self.position, "skipped": 0}
+        return {"epoch": self.epoch, "batch": self.batch, "skipped": 0}
 
     def set_state(self, state):
-        self.position = state["position"]
+        self.batch = state["batch"]
 
     def close(self):
         pass
@@ -58,8 +59,8 @@ def build(config, directory, mesh):
     return ToyDualEncoder(nnx.Rngs(int(config.seed))), None
 
 
-def pipeline(config, processor, directory, mesh):
-    return ToyPipeline(int(config.batch_size), int(config.seed))
+def pipeline(config, processor, directory, rows):
+    return ToyPipeline(int(config.batch_size), int(config.seed), rows)
 
 
 def objective(config):

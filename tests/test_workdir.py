@@ -105,3 +105,12 @@ def test_resume_compatibility_separates_schedule_from_substance():
     assert blocking == ["batch_size: 64 -> 32", 'optimizer.name: "lamb" -> "adamw"'], blocking
     assert allowed == ["eval.batch_size: 10 -> 20", "log_every: 10 -> 5", "optimizer.learning_rate: 0.01 -> 0.005",
                        "total_steps: 100 -> 200"], allowed
+
+
+def test_local_workdirs_are_made_absolute_and_remote_ones_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert workdirs.absolute("run") == str(tmp_path / "run")
+    assert workdirs.absolute(tmp_path / "a" / ".." / "run") == str(tmp_path / "run")
+    # A URI is never joined to the working directory (tests/test_workdir_remote.py covers its I/O).
+    assert workdirs.absolute("gs://bucket/run/") == "gs://bucket/run"
+    assert workdirs.absolute("gs:/bucket/run") == str(tmp_path / "gs:" / "bucket" / "run"), "a local path, not a URI"

@@ -10,7 +10,7 @@ Sources of translation pairs: the scenes dataset (``caption_en``, ``caption_zh``
 example, :func:`scenes_pairs`), TSV files (``english<TAB>translation`` per line) and JSONL files
 (one object per line with the two texts under configurable keys), :func:`read_pairs`.
 :class:`ParallelTextPipeline` batches the pairs deterministically and resumably, with the same
-state keys (``epoch``, ``position``, ``skipped``) as :class:`altjax.data.InputPipeline`.
+state keys (``epoch``, ``batch``, ``skipped``) as :class:`altjax.data.InputPipeline`.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from altjax.data import order as orders
 from altjax.data.preprocess import TextField, tokenize
 from altjax.data.sources import get_field
 
@@ -75,12 +76,15 @@ def read_pairs(path: str, *, source_key: str = "en", target_key: str = "zh") -> 
 
 
 class ParallelTextPipeline(Iterator[dict[str, np.ndarray]]):
-    """Batches of ``teacher_*`` and ``student_*`` token arrays (``input_ids``, ``attention_mask``),
-    and :data:`SAME_LANGUAGE` (int32), from ``pairs`` of :func:`expand_pairs`.
+    """This process's rows of every global batch: ``teacher_*`` and ``student_*`` token arrays
+    (``input_ids``, ``attention_mask``), and :data:`SAME_LANGUAGE` (int32), from ``pairs`` of
+    :func:`expand_pairs`.
 
-    Each epoch visits the pairs in a new permutation of ``[seed, epoch]``; this process reads
-    every ``process_count``-th of them from ``process_index``, ``batch_size`` at a time (the short
-    end of an epoch is dropped). ``get_state`` / ``set_state`` give exact resume.
+    The order is global (:mod:`altjax.data.order`): each epoch visits the pairs in a new
+    permutation of ``[seed, epoch]`` cut into global batches of ``batch_size`` (the short end of an
+    epoch is dropped), and this process takes its ``rows`` of each (None: all of them), so the
+    batches do not depend on the number of processes. ``get_state`` / ``set_state`` give exact
+    resume, on any topology.
 
     Pairs with an empty or whitespace-only text are skipped, counted in ``skipped_pairs`` and
     logged as a warning on the ``altjax.data`` logger (as the image-text pipeline skips records
@@ -88,7 +92,7 @@ class ParallelTextPipeline(Iterator[dict[str, np.ndarray]]):
     """
 
     def __init__(self, pairs: Sequence[tuple[str, str, int]], *, batch_size: int, teacher: TextField,
-                 student: TextField, seed: int = 0, process_index: int = 0, process_count: int = 1):
+                 student: TextField, seed: int = 0, rows: Sequence[int] | None = None):
         usable = [p for p in pairs if str(p[0]).strip() and str(p[1]).strip()]
         self.skipped_pairs = len(pairs) - len(usable)
         if self.skipped_pairs:
@@ -96,32 +100,30 @@ class ParallelTextPipeline(Iterator[dict[str, np.ndarray]]):
             log.warning("skipped %d of %d sentence pairs with an empty or whitespace-only text (the first: %r)",
                         self.skipped_pairs, len(pairs), tuple(first[:2]))
         pairs = usable
-        if len(pairs) // process_count < batch_size:
-            raise ValueError(f"{len(pairs)} pairs cannot give one batch of {batch_size} to each of {process_count} processes")
+        if len(pairs) < batch_size:
+            raise ValueError(f"{len(pairs)} pairs cannot give one batch of {batch_size}")
         self.pairs = list(pairs)
         self.batch_size, self.seed = batch_size, int(seed)
+        self.rows = orders.check_rows(rows, batch_size)
+        self.batches_per_epoch = orders.batches_per_epoch(len(self.pairs), batch_size)
         self.teacher = TextField(teacher.tokenizer, max_length=teacher.max_length, prefix="teacher_")
         self.student = TextField(student.tokenizer, max_length=student.max_length, prefix="student_")
-        self.process_index, self.process_count = process_index, process_count
-        self._state = {"epoch": 0, "position": 0, "skipped": 0}
+        self._state = {"epoch": 0, "batch": 0, "skipped": 0}
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The pair indices this process reads in ``epoch``, in order."""
-        n = len(self.pairs)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n)[self.process_index::self.process_count]
-        return order[:n // self.process_count]
+        """The pair indices of ``epoch``'s global order (every process's)."""
+        return orders.permutation(self.seed, epoch, len(self.pairs))
 
     def __next__(self) -> dict[str, np.ndarray]:
-        epoch, position = self._state["epoch"], self._state["position"]
+        epoch, batch = self._state["epoch"], self._state["batch"]
         order = self.epoch_order(epoch)
-        if position + self.batch_size > len(order):
-            epoch, position = epoch + 1, 0
-            order = self.epoch_order(epoch)
-        rows = [self.pairs[i] for i in order[position:position + self.batch_size]]
-        batch = {**tokenize([r[0] for r in rows], self.teacher), **tokenize([r[1] for r in rows], self.student),
-                 SAME_LANGUAGE: np.asarray([r[2] for r in rows], np.int32)}
-        self._state = {"epoch": epoch, "position": position + self.batch_size, "skipped": 0}
-        return batch
+        rows = [self.pairs[i] for i in order[batch * self.batch_size + self.rows]]
+        tokens = {**tokenize([r[0] for r in rows], self.teacher), **tokenize([r[1] for r in rows], self.student),
+                  SAME_LANGUAGE: np.asarray([r[2] for r in rows], np.int32)}
+        batch += 1
+        self._state = {"epoch": epoch + 1, "batch": 0, "skipped": 0} if batch == self.batches_per_epoch else \
+            {"epoch": epoch, "batch": batch, "skipped": 0}
+        return tokens
 
     def __iter__(self) -> "ParallelTextPipeline":
         return self
@@ -132,12 +134,19 @@ class ParallelTextPipeline(Iterator[dict[str, np.ndarray]]):
         return self._state["epoch"]
 
     def get_state(self) -> dict[str, int]:
-        """The cursor after the last batch returned."""
-        return dict(self._state)
+        """The cursor after the last batch returned (``epoch``, ``batch``: global batches of the
+        epoch consumed), with what the stream depends on (``seed``, ``batch_size``, ``num_records``)."""
+        return {**self._state, "seed": self.seed, "batch_size": self.batch_size, "num_records": len(self.pairs)}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Continues from a cursor of :meth:`get_state`."""
-        self._state = {"epoch": int(state["epoch"]), "position": int(state["position"]), "skipped": 0}
+        """Continues from a cursor of :meth:`get_state` (of the same pairs, seed and global batch
+        size, with any rows; anything else raises)."""
+        mine = self.get_state()
+        for key in ("seed", "batch_size", "num_records"):
+            if key not in state or int(state[key]) != mine[key]:
+                raise ValueError(f"the state was saved with {key}={state.get(key)}, this pipeline has "
+                                 f"{key}={mine[key]}: it would not continue the same sequence")
+        self._state = {"epoch": int(state["epoch"]), "batch": int(state["batch"]), "skipped": 0}
 
     def close(self) -> None:
         """Nothing runs in the background; for the trainer's interface."""

@@ -1,24 +1,26 @@
 """The input pipeline: a deterministic, resumable iterator of preprocessed, tokenised batches.
 
-Order. Epoch ``e`` visits the records in the permutation drawn from ``(seed, e)`` (or in order
-without ``shuffle``); process ``p`` of ``P`` takes every ``P``-th entry from the ``p``-th, so the
-processes read disjoint parts that together cover the epoch (with ``drop_remainder`` each takes
-``N // P`` records, so that all processes make the same number of steps). Every random choice for
-a record (crop, which of its captions) comes from a generator seeded with ``(seed, epoch,
-record index)``: the batches depend on the seed alone, not on threads, timing or prefetching.
+Order. The stream is global (:mod:`altjax.data.order`): epoch ``e`` visits the records in the
+permutation drawn from ``(seed, e)`` (or in order without ``shuffle``), cut into global batches of
+``batch_size``; a process loads only its ``rows`` of each global batch. Every random choice for a
+record (crop, which of its captions) comes from a generator seeded with ``(seed, epoch, record
+index)``. So the batches depend on the seed, the data and the global batch size alone: not on
+threads, timing, prefetching, or the number of processes and devices reading them.
 
-Resume. The iterator's position is ``(epoch, position)``: the epoch and how many entries of this
-process's share of it were consumed. :meth:`InputPipeline.get_state` returns it (with the seed,
-the process layout and the skip count) as a small JSON-serialisable dict, for the training
-checkpoint; :meth:`InputPipeline.set_state` on a fresh pipeline over the same data continues with
-exactly the batches the first one would have produced next.
+Resume. The iterator's position is ``(epoch, batch)``: the epoch and how many of its global batches
+were consumed. :meth:`InputPipeline.get_state` returns it (with the seed, the global batch size,
+the record count and the skip count) as a small JSON-serialisable dict, for the training
+checkpoint; :meth:`InputPipeline.set_state` on a fresh pipeline over the same data, with any
+``rows``, continues with exactly the global batches the first one would have produced next.
 
 Damage. A record that cannot be read or decoded, or whose caption is empty or whitespace only, is
 skipped: counted in :attr:`InputPipeline.skipped` (and in the state) and logged as a warning on
-the ``altjax.data`` logger. (Of a list of captions, the empty ones are never drawn; the record is
-skipped when all are empty.) Skipping is deterministic (the same records fail every time), so resume stays exact. A
-run of ``max_consecutive_failures`` failures in a row means a wrong key or a broken setup, not
-damaged data, and raises.
+the ``altjax.data`` logger; its row takes a record drawn for that row alone
+(:func:`altjax.data.order.replacement`), so that every process agrees on the batch without
+knowing what the others loaded. (Of a list of captions, the empty ones are never drawn; the record
+is skipped when all are empty.) Skipping is deterministic (the same records fail every time), so
+resume stays exact. A run of ``max_consecutive_failures`` failures in a row means a wrong key or a
+broken setup, not damaged data, and raises.
 """
 from __future__ import annotations
 
@@ -31,13 +33,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from altjax.data import order as orders
 from altjax.data.preprocess import (EmptyCaptionError, ImageTransform, TextField, choose_caption, decode_image,
                                     tokenize)
 from altjax.data.sources import get_field
 
 log = logging.getLogger("altjax.data")
 
-_STATE_KEYS = ("epoch", "position", "seed", "skipped", "process_index", "process_count", "num_records")
+_STATE_KEYS = ("epoch", "batch", "skipped", "seed", "batch_size", "num_records")
 _END = object()
 
 
@@ -49,13 +52,17 @@ class _Failure:
 
 
 class InputPipeline(Iterator[dict[str, np.ndarray]]):
-    """Batches of ``pixel_values`` float32 (B, H, W, 3), ``input_ids``/``attention_mask``
-    (/``token_type_ids``) int32 (B, L) per text field, and the ``extra_keys`` fields (e.g. the
-    scenes' ``label``), read from ``source`` (see :mod:`altjax.data.sources`).
+    """This process's rows of every global batch: ``pixel_values`` float32 (R, H, W, 3),
+    ``input_ids``/``attention_mask`` (/``token_type_ids``) int32 (R, L) per text field, and the
+    ``extra_keys`` fields (e.g. the scenes' ``label``), read from ``source`` (see
+    :mod:`altjax.data.sources`); R is the number of ``rows``.
 
     Args:
       source: a random-access source (``len``, ``[i]`` -> dict of fields, ``describe(i)``).
-      batch_size: examples per batch on this process (the global batch divided by the process count).
+      batch_size: the global batch size (examples per step over all processes).
+      rows: the positions within each global batch that this process loads, in the order of its
+        part of the batch (the trainer's :func:`altjax.training.step.process_batch_positions`);
+        None: every row (one process).
       image: the image transform (e.g. ``ImageTransform(align_image_config(289), "random_crop")``).
       texts: one :class:`TextField` or several (parallel texts, each with its own output prefix).
       image_key: the image field; None takes ``source.image_key``.
@@ -63,29 +70,22 @@ class InputPipeline(Iterator[dict[str, np.ndarray]]):
       seed: the seed of the order and of every random choice.
       shuffle: visit the records of each epoch in a random order.
       num_epochs: stop after this many epochs; None repeats forever.
-      drop_remainder: drop the last batch of an epoch when it is short (and give every process the
-        same share of each epoch); when False the short batch is returned.
-      process_index, process_count: this process and the number of processes reading the data;
-        default ``jax.process_index()`` and ``jax.process_count()``.
+      drop_remainder: leave out the short end of each epoch; when False it is returned as a short
+        batch (only when this process loads every row).
       num_threads: threads decoding and transforming examples.
       prefetch: batches prepared ahead in a background thread (0: prepared on demand).
       max_consecutive_failures: raise when this many records in a row fail.
     """
 
     def __init__(self, source, *, batch_size: int, image: ImageTransform, texts: TextField | Sequence[TextField],
-                 image_key: str | None = None, extra_keys: Sequence[str] = (), seed: int = 0,
-                 shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
-                 process_index: int | None = None, process_count: int | None = None,
+                 rows: Sequence[int] | None = None, image_key: str | None = None, extra_keys: Sequence[str] = (),
+                 seed: int = 0, shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
                  num_threads: int | None = None, prefetch: int = 2, max_consecutive_failures: int = 1000):
-        if process_index is None or process_count is None:
-            import jax
-
-            process_index = jax.process_index() if process_index is None else process_index
-            process_count = jax.process_count() if process_count is None else process_count
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.rows = orders.check_rows(rows, batch_size)
+        if not drop_remainder and self.rows.size != batch_size:
+            raise ValueError("drop_remainder=False needs a pipeline that loads every row of the batch (rows=None)")
         self.source = source
         self.batch_size = batch_size
         self.image = image
@@ -97,18 +97,17 @@ class InputPipeline(Iterator[dict[str, np.ndarray]]):
         self.extra_keys = tuple(extra_keys)
         self.seed, self.shuffle, self.num_epochs = int(seed), shuffle, num_epochs
         self.drop_remainder = drop_remainder
-        self.process_index, self.process_count = process_index, process_count
         self.num_records = len(source)
-        if self.num_records // process_count < (batch_size if drop_remainder else 1):
-            raise ValueError(f"{self.num_records} records cannot give one batch of {batch_size} to each "
-                             f"of {process_count} processes")
+        if self.num_records < (batch_size if drop_remainder else 1):
+            raise ValueError(f"{self.num_records} records cannot give one batch of {batch_size}")
+        self.batches_per_epoch = orders.batches_per_epoch(self.num_records, batch_size, drop_remainder)
         self.max_consecutive_failures = max_consecutive_failures
         self.prefetch = prefetch
         self._pool = concurrent.futures.ThreadPoolExecutor(num_threads or min(4, os.cpu_count() or 1),
                                                            thread_name_prefix="altjax-data")
         self._order_cache: tuple[int, np.ndarray] | None = None
         # The consumer's view: the state after the last batch returned by __next__.
-        self._state = {"epoch": 0, "position": 0, "skipped": 0}
+        self._state = {"epoch": 0, "batch": 0, "skipped": 0}
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
@@ -117,17 +116,13 @@ class InputPipeline(Iterator[dict[str, np.ndarray]]):
     # ----- order -----
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The record indices this process reads in ``epoch``, in order."""
+        """The record indices of ``epoch``'s global order (every process's)."""
         cached = self._order_cache  # read once: the prefetch thread may replace it meanwhile
         if cached is not None and cached[0] == epoch:
             return cached[1]
-        n = self.num_records
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        share = order[self.process_index::self.process_count]
-        if self.drop_remainder:
-            share = share[:n // self.process_count]
-        self._order_cache = (epoch, share)
-        return share
+        order = orders.permutation(self.seed, epoch, self.num_records, self.shuffle)
+        self._order_cache = (epoch, order)
+        return order
 
     # ----- per example -----
 
@@ -151,17 +146,19 @@ class InputPipeline(Iterator[dict[str, np.ndarray]]):
 
     # ----- batches -----
 
-    def _batches(self, epoch: int, position: int, skipped: int):
-        """Yields (batch, state after it) from the given cursor."""
+    def _batches(self, epoch: int, batch: int, skipped: int):
+        """Yields (this process's rows of a batch, state after it) from the given cursor."""
         consecutive = 0
         while self.num_epochs is None or epoch < self.num_epochs:
             order = self.epoch_order(epoch)
-            examples = []
-            while len(examples) < self.batch_size and position < len(order):
-                take = order[position:position + self.batch_size - len(examples)]
-                position += len(take)
-                for result in self._pool.map(self._load, take, [epoch] * len(take)):
-                    if isinstance(result, _Failure):
+            while batch < self.batches_per_epoch:
+                start = batch * self.batch_size
+                size = min(self.batch_size, self.num_records - start)
+                slots = start + self.rows[self.rows < size]
+                examples = []
+                for slot, result in zip(slots, self._pool.map(self._load, order[slots], [epoch] * len(slots))):
+                    attempt = 0
+                    while isinstance(result, _Failure):
                         skipped += 1
                         consecutive += 1
                         self._warn(result, skipped)
@@ -170,15 +167,16 @@ class InputPipeline(Iterator[dict[str, np.ndarray]]):
                                 f"{consecutive} records in a row failed, the last "
                                 f"{self.source.describe(result.index)}: {type(result.error).__name__}: "
                                 f"{result.error}. Check the image/caption keys and the transform.") from result.error
-                    else:
-                        consecutive = 0
-                        examples.append(result)
-            if position >= len(order):
-                epoch, position = epoch + 1, 0
-            if len(examples) == self.batch_size or (examples and not self.drop_remainder):
-                yield self._collate(examples), {"epoch": epoch, "position": position, "skipped": skipped}
-        # The end: no batch, but the records skipped after the last one still count.
-        yield None, {"epoch": epoch, "position": position, "skipped": skipped}
+                        attempt += 1
+                        result = self._load(orders.replacement(self.seed, epoch, int(slot), attempt,
+                                                               self.num_records), epoch)
+                    consecutive = 0
+                    examples.append(result)
+                batch += 1
+                after = (epoch + 1, 0) if batch == self.batches_per_epoch else (epoch, batch)
+                yield self._collate(examples), {"epoch": after[0], "batch": after[1], "skipped": skipped}
+            epoch, batch = epoch + 1, 0
+        yield None, {"epoch": epoch, "batch": batch, "skipped": skipped}
 
     def _collate(self, examples) -> dict[str, np.ndarray]:
         batch = {"pixel_values": np.stack([e[0] for e in examples])}
@@ -207,7 +205,7 @@ class InputPipeline(Iterator[dict[str, np.ndarray]]):
             return False
 
         try:
-            for item in self._batches(start["epoch"], start["position"], start["skipped"]):
+            for item in self._batches(start["epoch"], start["batch"], start["skipped"]):
                 if not put(item):
                     return
             put(_END)
@@ -231,7 +229,7 @@ class InputPipeline(Iterator[dict[str, np.ndarray]]):
     def __next__(self) -> dict[str, np.ndarray]:
         if self.prefetch <= 0:
             if self._generator is None:
-                self._generator = self._batches(self._state["epoch"], self._state["position"],
+                self._generator = self._batches(self._state["epoch"], self._state["batch"],
                                                 self._state["skipped"])
             item = next(self._generator, _END)
         else:
@@ -274,23 +272,26 @@ class InputPipeline(Iterator[dict[str, np.ndarray]]):
         return self._state["epoch"]
 
     def get_state(self) -> dict[str, int]:
-        """The position after the last batch returned, as a JSON-serialisable dict."""
-        return {**self._state, "seed": self.seed, "process_index": self.process_index,
-                "process_count": self.process_count, "num_records": self.num_records}
+        """The position after the last batch returned, as a JSON-serialisable dict: ``epoch``,
+        ``batch`` (global batches of the epoch consumed), ``skipped`` (records this pipeline
+        skipped, plus what the state it continues carried), and what the stream depends on
+        (``seed``, ``batch_size``, ``num_records``)."""
+        return {**self._state, "seed": self.seed, "batch_size": self.batch_size, "num_records": self.num_records}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Continues from a state of :meth:`get_state` (of a pipeline over the same data, seed and
-        process layout: anything else could not continue the same sequence and raises)."""
+        """Continues from a state of :meth:`get_state`, of a pipeline over the same data, seed and
+        global batch size, with any rows (anything else could not continue the same sequence and
+        raises)."""
         missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
             raise ValueError(f"not an input pipeline state (missing {missing}): {state}")
         mine = self.get_state()
-        for key in ("seed", "process_index", "process_count", "num_records"):
+        for key in ("seed", "batch_size", "num_records"):
             if int(state[key]) != mine[key]:
                 raise ValueError(f"the state was saved with {key}={state[key]}, this pipeline has "
                                  f"{key}={mine[key]}: it would not continue the same sequence")
         self._halt()
-        self._state = {k: int(state[k]) for k in ("epoch", "position", "skipped")}
+        self._state = {k: int(state[k]) for k in ("epoch", "batch", "skipped")}
 
     def close(self) -> None:
         """Stops the prefetching thread and the workers, and closes the source's files."""

@@ -13,6 +13,12 @@ Overwriting replaces only what altjax itself wrote (``is_altjax_output``: judged
 safetensors altjax writes say so in their header metadata), never the model's source or a
 directory above it (``check_replaceable``). What is written gets the modes the umask gives
 (``altjax.fsutil``).
+
+The output path may be remote (``gs://...``, through ``etils.epath``): the directory is written
+into a local temporary directory, then uploaded and put in place by
+``fsutil.publish_remote_dir``, with ``config.json`` last (an object store moves a directory one
+object at a time; a reader never sees a ``config.json`` beside missing weights). Reading
+(``read_config``, ``from_pretrained``) needs a local directory.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ import re
 import shutil
 import tempfile
 from typing import Any, Callable, Iterator, Mapping, Optional
+
+from etils import epath
 
 from altjax import fsutil
 from altjax.model_io.safetensors_io import read_metadata
@@ -102,24 +110,34 @@ def is_altjax_output(path: str | os.PathLike) -> bool:
     its content: an altjax directory (``config.json``, orbax ``params/``, processor files) or an
     HF directory written by ``save_pretrained(format="hf")`` / ``altjax-convert to-hf``
     (``config.json``, safetensors whose header metadata names altjax as the writer, their index,
-    processor files). An empty directory counts too: there is nothing in it to lose."""
+    processor files). An empty directory counts too: there is nothing in it to lose. ``path`` may
+    be remote (a store has no symbolic links)."""
     path = os.fspath(path)
-    if os.path.islink(path) or not os.path.isdir(path):
-        return False
-    names = set(os.listdir(path))
+    if fsutil.is_remote(path):
+        if not epath.Path(path).is_dir():
+            return False
+        names = {p.name for p in epath.Path(path).iterdir()}
+        isfile, isdir = (lambda p: epath.Path(p).is_file()), (lambda p: epath.Path(p).is_dir())
+        metadata = read_metadata
+    else:
+        if os.path.islink(path) or not os.path.isdir(path):
+            return False
+        names = set(os.listdir(path))
+        isfile, isdir = os.path.isfile, (lambda p: not os.path.islink(p) and os.path.isdir(p))
+        metadata = read_metadata
     if not names:
         return True
-    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+    if not isfile(os.path.join(path, CONFIG_NAME)):
         return False
     others = names - {CONFIG_NAME, *PROCESSOR_FILES}
     if ALTJAX_PARAMS_DIR in others:
         params = os.path.join(path, ALTJAX_PARAMS_DIR)
-        return (others == {ALTJAX_PARAMS_DIR} and not os.path.islink(params) and os.path.isdir(params)
-                and any(os.path.isfile(os.path.join(params, f)) for f in ORBAX_FILES))
+        return (others == {ALTJAX_PARAMS_DIR} and isdir(params)
+                and any(isfile(os.path.join(params, f)) for f in ORBAX_FILES))
     weights = {n for n in others if n == SAFE_WEIGHTS_NAME or SHARD_NAME.fullmatch(n)}
     if not weights or others - weights - {SAFE_INDEX_NAME}:
         return False
-    return all((read_metadata(os.path.join(path, n)) or {}).get("writer") == WRITER_METADATA["writer"]
+    return all((metadata(os.path.join(path, n)) or {}).get("writer") == WRITER_METADATA["writer"]
                for n in weights)
 
 
@@ -132,8 +150,11 @@ def check_replaceable(out: str | os.PathLike, *, sources: tuple = (),
     file, not a symbolic link) for which ``owned(path)`` holds (default: ``is_altjax_output``), and
     must be neither one of ``sources`` nor any directory above one (compared after resolving
     symbolic links, and by device and inode). Raises ``CheckpointError`` (one line: what, where,
-    what to do) otherwise.
+    what to do) otherwise. A remote ``out`` is checked the same way, its sources by name, and
+    returned normalised.
     """
+    if fsutil.is_remote(out):
+        return _check_replaceable_remote(str(epath.Path(out)), sources, owned)
     path = fsutil.output_path(out)
     if not os.path.lexists(path):
         return path
@@ -169,6 +190,29 @@ def check_replaceable(out: str | os.PathLike, *, sources: tuple = (),
     return path
 
 
+def _check_replaceable_remote(path: str, sources: tuple, owned: Callable[[str], bool]) -> str:
+    target = epath.Path(path)
+    if not target.exists():
+        return path
+    if not target.is_dir():
+        raise CheckpointError(f"{path}: is a file altjax did not write; not replacing it "
+                              "(remove it yourself or choose another output path)")
+    for source in sources:
+        # A local source cannot be inside a store; a remote one is compared by name.
+        if source is None or not fsutil.is_remote(source):
+            continue
+        source = str(epath.Path(source))
+        if source == path or source.startswith(path + "/"):
+            what = "is the source directory" if source == path else f"contains the source {source}"
+            raise CheckpointError(f"{path}: {what}; not replacing it (write the output somewhere else)")
+    names = sorted(p.name for p in target.iterdir())
+    if names and not owned(path):
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise CheckpointError(f"{path}: exists and is not an output altjax wrote (it holds {shown}); not replacing it "
+                              "(remove it yourself or choose another output path)")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, sources: tuple = (),
                      owned: Callable[[str], bool] = is_altjax_output) -> Iterator[str]:
@@ -179,7 +223,13 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, source
     ``check_replaceable(path, sources=sources, owned=owned)`` allows it (a directory altjax wrote,
     not holding any of ``sources``), and only once the new directory is complete. The new
     directory and everything in it get the permissions the umask gives (not mkdtemp's 0700).
+    A remote ``path``: the temporary directory is a local one, published as the module docstring
+    says.
     """
+    if fsutil.is_remote(path):
+        with _remote_directory(str(epath.Path(path)), overwrite=overwrite, sources=sources, owned=owned) as tmp:
+            yield tmp
+        return
     if os.path.lexists(fsutil.output_path(path)) and not overwrite:
         raise CheckpointError(f"{fsutil.output_path(path)}: output path exists (choose another path or pass overwrite)")
     path = check_replaceable(path, sources=sources, owned=owned)
@@ -197,6 +247,20 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, source
         raise
 
 
+@contextlib.contextmanager
+def _remote_directory(path: str, *, overwrite: bool, sources: tuple, owned: Callable[[str], bool]) -> Iterator[str]:
+    if epath.Path(path).exists() and not overwrite:
+        raise CheckpointError(f"{path}: output path exists (choose another path or pass overwrite)")
+    check_replaceable(path, sources=sources, owned=owned)
+    tmp = tempfile.mkdtemp(prefix=f"altjax-{os.path.basename(path)}.tmp-")
+    try:
+        yield tmp
+        check_replaceable(path, sources=sources, owned=owned)  # again: the block may have taken long
+        fsutil.publish_remote_dir(tmp, path, last=(CONFIG_NAME,))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json(file: str, obj: Any) -> None:
     with open(file, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -204,8 +268,17 @@ def write_json(file: str, obj: Any) -> None:
 
 
 def copy_processor_files(src: Optional[str], dst: str) -> list[str]:
-    """Copies the tokenizer and image-processor files of ``src`` (if any) into ``dst``."""
+    """Copies the tokenizer and image-processor files of ``src`` (if any; it may be remote) into
+    the local directory ``dst``."""
     copied = []
+    if src and fsutil.is_remote(src):
+        if epath.Path(src).is_dir():
+            present = {p.name for p in epath.Path(src).iterdir()}  # one listing, not a request per name
+            for name in PROCESSOR_FILES:
+                if name in present:
+                    (epath.Path(src) / name).copy(os.path.join(dst, name))
+                    copied.append(name)
+        return copied
     if src and os.path.isdir(src):
         for name in PROCESSOR_FILES:
             file = os.path.join(src, name)

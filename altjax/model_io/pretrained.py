@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from altjax import sharding
+from altjax import fsutil, sharding
 from altjax.model_io import engine
 from altjax.model_io.directories import (
     ALTJAX_PARAMS_DIR,
@@ -127,4 +127,4 @@ class PretrainedModel:
                                               on_disk=True, lazy=True)
                 write_hf_weights(tmp, tensors, max_shard_size=max_shard_size, progress=progress)
             copy_processor_files(source, tmp)
-        return os.path.abspath(os.fspath(path))
+        return os.fspath(path) if fsutil.is_remote(path) else os.path.abspath(os.fspath(path))

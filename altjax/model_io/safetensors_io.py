@@ -18,6 +18,9 @@ from typing import Any, Iterator, Mapping, Optional
 
 import ml_dtypes
 import numpy as np
+from etils import epath
+
+from altjax import fsutil
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -100,10 +103,12 @@ class SafetensorsReader(Mapping[str, np.ndarray]):
 
 def read_metadata(file: str | os.PathLike) -> Optional[dict[str, str]]:
     """The ``__metadata__`` of a safetensors file's header, read without the tensors; ``None``
-    when the file has none or is not a readable safetensors file (never raises for those)."""
+    when the file has none or is not a readable safetensors file (never raises for those).
+    ``file`` may be remote (``gs://...``): only the header is downloaded."""
     try:
-        with open(file, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with (epath.Path(file).open("rb") if fsutil.is_remote(file) else open(file, "rb")) as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(0)
             length = int.from_bytes(f.read(8), "little")
             if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
                 return None

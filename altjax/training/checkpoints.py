@@ -6,7 +6,12 @@ A checkpoint is one orbax step directory ``<workdir>/checkpoints/<step>`` with t
   dropout streams' keys and counters, the optimiser state, the step) as a nested dict of arrays
   named by their paths, each written by every process in its own sharded layout.
 * ``meta``: JSON with the step, the leaf paths (so that a checkpoint of another model or optimiser
-  fails with a readable message) and every process's input pipeline state.
+  fails with a readable message) and the input pipeline's state, a global position (the same on
+  every process).
+
+The arrays are restored straight into the layout of the run that reads them (its shardings are
+the restore target), so a checkpoint written by one topology (processes x devices) is read by
+any other.
 
 Orbax writes a step into a temporary directory and renames it when complete, so a run killed
 while saving leaves no step directory that looks finished. A step that still fails to restore
@@ -187,9 +192,9 @@ class Checkpointer:
         """The finished checkpoints' steps, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, data_states: list[dict[str, Any]]) -> None:
-        """Starts saving ``state`` at ``step`` with the processes' input pipeline states."""
-        meta = {"step": int(step), "paths": self.layout.paths, "data": data_states}
+    def save(self, step: int, state, data_state: dict[str, Any]) -> None:
+        """Starts saving ``state`` at ``step`` with the input pipeline's (global) state."""
+        meta = {"step": int(step), "paths": self.layout.paths, "data": data_state}
         self.check()  # a failure of the previous save is reported as that step's
         self._saving = int(step)
         try:
@@ -222,8 +227,14 @@ class Checkpointer:
             "command again to resume from it")
 
     def _finished_steps(self) -> list[int]:
+        return self.finished_steps(self.directory)
+
+    @staticmethod
+    def finished_steps(directory: str) -> list[int]:
+        """The steps of the complete checkpoints in ``directory``, read from its listing alone
+        (no orbax manager, nothing waited for): for a process about to exit."""
         try:
-            return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
+            return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
         except OSError:
             return []
 
@@ -248,7 +259,7 @@ class Checkpointer:
         remove_temporary(self.directory)
 
     def restore_latest(self) -> Optional[tuple[int, Any, list[dict[str, Any]]]]:
-        """``(step, state, data_states)`` of the newest checkpoint that restores, or None when there
+        """``(step, state, data_state)`` of the newest checkpoint that restores, or None when there
         is no checkpoint. A checkpoint that fails to read is reported with a warning and, once an
         older one has restored, moved to ``<directory>.damaged/`` (the run writes that step again).
         IncompatibleCheckpoint when the checkpoints hold another model or optimiser (a changed

@@ -338,6 +338,7 @@ def check_common(c: Checker) -> list[str]:
     c.integer("grad_accum_steps", 1)
     c.integer("warn_chance_steps", 0)
     c.string("compilation_cache_dir")
+    c.number("peer_timeout_s", low=0.0)
     c.boolean("async_checkpoints")
     c.boolean("remat")
     policy = c.string("remat_policy")

@@ -26,7 +26,18 @@ anything of that step is saved; so does a checkpoint save that failed in the bac
 Before anything is built or written, every config value is checked (:mod:`altjax.training.config`)
 and the workdir claimed (:mod:`altjax.workdir`: one run at a time, no directory of other files, no
 resume under a config that computes another run); a user's mistake is one error and nothing written.
-On several hosts every process runs :func:`train` and reads its own rows of each global batch.
+The workdir may be a local path or an object-store path (``gs://...``, where its filesystem library
+is installed): everything in it is written through :mod:`altjax.fsutil` / etils ``epath``, the
+checkpoints by orbax.
+
+On several hosts every process runs :func:`train` and loads its own rows of each global batch.
+The run does not depend on the topology: every global batch holds the same examples in the same
+rows (:mod:`altjax.data.order`, :func:`~altjax.training.step.process_batch_positions`), random
+draws follow the row, and the input position in a checkpoint is global; so the losses of 1 x 8,
+2 x 4 or 1 x 4 (processes x devices) differ by float32 reduction order only, and a checkpoint
+resumes on any topology with the same global batch (its arrays restored straight into the new
+shardings). A process that dies or fails alone ends the others within ``peer_timeout_s``
+(:mod:`altjax.training.peers`); only process 0 writes the logs and the exported model.
 """
 from __future__ import annotations
 
@@ -46,6 +57,7 @@ from typing import Any, Optional
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -55,17 +67,20 @@ from altjax.data import scenes
 from altjax.evaluation import (ClassificationSet, RetrievalSet, SkippedImages, evaluate_retrieval, evaluate_zeroshot,
                                evaluation_key)
 from altjax.evaluation import load_dataset
+from altjax.evaluation.datasets import DatasetError
 from altjax.evaluation.results import write_results
 from altjax.model_io import directories
+from altjax.model_io.directories import CheckpointError
 from altjax.progress import Progress
 from altjax.stop_signals import EXIT_STATUS, StopSignals
 from altjax.tensorboard import EventWriter
-from altjax.training import compile_cache, optim, tasks
-from altjax.training.checkpoints import Checkpointer
+from altjax.training import compile_cache, optim, peers, tasks
+from altjax.training.checkpoints import Checkpointer, IncompatibleCheckpoint, NoUsableCheckpoint
+from altjax.training.checks import ConfigError
 from altjax.training.config import validate
 from altjax.training.logs import MetricsLog, console, read_metrics
 from altjax.training.objectives import attach_logit_bias, detach_logit_bias
-from altjax.training.step import init_state, make_train_step
+from altjax.training.step import init_state, make_train_step, process_batch_positions
 
 log = logging.getLogger("altjax.train")
 
@@ -76,6 +91,12 @@ EXPORT_DIR = "model"
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN or infinite."""
+
+
+# Failures that every process of a run meets at once (they check the same config, workdir and
+# checkpoint, and compute the same loss): such a process leaves without waiting on its peers.
+AGREED_FAILURES = (ConfigError, workdirs.WorkdirError, IncompatibleCheckpoint, NoUsableCheckpoint, CheckpointError,
+                   DatasetError, TrainingDiverged)
 
 
 # ----- evaluation -----
@@ -140,7 +161,7 @@ class _Claim:
             return
         if self.created_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-        elif lock_created:
+        elif lock_created and not fsutil.is_remote(self.lock.path):  # a remote lock deletes itself on release
             with contextlib.suppress(OSError):
                 os.remove(self.lock.path)
 
@@ -165,7 +186,8 @@ def claim_workdir(config, workdir: str) -> _Claim:
     if jax.process_index() == 0:
         try:
             workdirs.check_usable(workdir)
-            if not os.path.exists(workdir):
+            # A store has no directories to create: a remote workdir exists once its lock is written.
+            if not fsutil.is_remote(workdir) and not os.path.exists(workdir):
                 os.makedirs(workdir)
                 claim.created_workdir = True
             claim.lock.acquire()
@@ -201,6 +223,9 @@ def claim_workdir(config, workdir: str) -> _Claim:
 
 def _publish(staging: str, target: str) -> None:
     """Puts the directory ``staging`` at ``target``, replacing one an earlier attempt wrote."""
+    if fsutil.is_remote(target):
+        fsutil.publish_remote_dir(staging, target)
+        return
     fresh = f"{target}.tmp-{os.getpid()}"
     shutil.rmtree(fresh, ignore_errors=True)
     shutil.copytree(staging, fresh)
@@ -221,18 +246,35 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     user's mistake: nothing was written), TrainingDiverged on a non-finite loss, and
     CheckpointSaveFailed when a save fails; exits the process with :data:`SIGINT_EXIT` /
     :data:`SIGTERM_EXIT` after saving when SIGINT / SIGTERM arrives."""
-    for warning in validate(config):
-        log.warning("%s", warning)
-    workdir = os.path.abspath(workdir)
-    claim = claim_workdir(config, workdir)
-    staging = tempfile.mkdtemp(prefix="altjax-processor-")
-    try:
-        return _train(config, workdir, claim, staging)
-    finally:
-        # A run that failed before its first record leaves nothing behind; one that trained
-        # (finished, diverged, interrupted) keeps its record for the resume.
-        claim.abandon()
-        shutil.rmtree(staging, ignore_errors=True)
+    workdir = workdirs.absolute(workdir)
+    # The processes wait for each other from the start: a dead one ends the others within
+    # peer_timeout_s, and even a config mistake is left in step (altjax.training.peers).
+    with peers.PeerWatch(_peer_timeout(config), lambda: _resume_hint(workdir), agreed=AGREED_FAILURES):
+        for warning in validate(config):
+            log.warning("%s", warning)
+        claim = claim_workdir(config, workdir)
+        staging = tempfile.mkdtemp(prefix="altjax-processor-")
+        try:
+            return _train(config, workdir, claim, staging)
+        finally:
+            # A run that failed before its first record leaves nothing behind; one that trained
+            # (finished, diverged, interrupted) keeps its record for the resume.
+            claim.abandon()
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _peer_timeout(config) -> float:
+    """``config.peer_timeout_s`` before the config is checked: a value the check will refuse
+    watches for the time it takes to refuse it."""
+    value = config.get("peer_timeout_s")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else 30.0
+
+
+def _resume_hint(workdir: str) -> str:
+    """Where a stopped run resumes from, for the line that reports a lost peer."""
+    steps = Checkpointer.finished_steps(os.path.join(workdir, workdirs.CHECKPOINTS_DIR))
+    where = f"the last complete checkpoint is step {steps[-1]}" if steps else "no checkpoint was written yet"
+    return f"{where} in {workdir}; run the same command on every process to resume"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,7 +328,8 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
     shardings = sharding.state_shardings(jax.eval_shape(lambda s: s, state), mesh)
     state = jax.jit(lambda s: s, out_shardings=shardings)(state)
     step_fn = build_step(config, parts, mesh, shardings)
-    pipeline = task.pipeline(config, processor, staging, mesh)
+    pipeline = task.pipeline(config, processor, staging,
+                             process_batch_positions(mesh, batch_size, int(config.grad_accum_steps)))
     sets = evaluation_sets(config) if config.eval_every or config.eval.at_end or config.eval.at_start else {}
 
     checkpointer = Checkpointer(os.path.join(workdir, workdirs.CHECKPOINTS_DIR), state,
@@ -305,8 +348,9 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
         step = 0
         restored = checkpointer.restore_latest()
         if restored is not None:
-            step, state, data_states = restored
-            pipeline.set_state(data_states[jax.process_index()])
+            step, state, saved_data = restored
+            pipeline.set_state(resume_data_state(saved_data, pipeline.get_state(), batch_size,
+                                                 checkpointer.directory, step))
             console(f"resumed from {checkpointer.directory}/{step}")
         # The run is built and its checkpoint (if any) fits: now its record is written.
         if primary:
@@ -333,12 +377,18 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
                 console(f"step {at}: " + ", ".join(f"{k} {_headline(v)}" for k, v in results.items()))
             return results
 
-        def data_states() -> list[dict]:
+        def data_state() -> dict:
+            """The input position, global: every process is at the same place in the global
+            order; ``skipped`` counts the records all of them skipped."""
             mine = pipeline.get_state()
-            rows = multihost_utils.process_allgather(np.asarray([mine["epoch"], mine["position"], mine["skipped"]]))
+            if jax.process_count() == 1:
+                return mine
+            rows = multihost_utils.process_allgather(np.asarray([mine["epoch"], mine["batch"], mine["skipped"]]))
             rows = np.asarray(rows).reshape(-1, 3)
-            return [{**mine, "process_index": i, "epoch": int(r[0]), "position": int(r[1]), "skipped": int(r[2])}
-                    for i, r in enumerate(rows)]
+            if (rows[:, :2] != rows[0, :2]).any():
+                raise RuntimeError(f"the processes' input pipelines are at different places (epoch, batch): "
+                                   f"{rows[:, :2].tolist()}")
+            return {**mine, "skipped": int(rows[:, 2].sum())}
 
         def acknowledge(signum: int) -> None:
             console(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (send it again "
@@ -362,7 +412,7 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
             def stop_now(at: int) -> None:
                 """Saves ``at`` (unless it is saved already) and exits with the signal's status."""
                 if at > start_step and at not in checkpointer.steps():
-                    checkpointer.save(at, state, data_states())
+                    checkpointer.save(at, state, data_state())
                 checkpointer.wait()
                 name = signal.Signals(stop.requested).name
                 if at > start_step:
@@ -403,7 +453,7 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
                     log.warning("%s", warning)
                 if step % int(config.log_every) == 0 or step == total:
                     now = time.perf_counter()
-                    skipped = sum(s["skipped"] for s in data_states())
+                    skipped = data_state()["skipped"]
                     last_metrics = {"step": step, **metrics,
                                     "examples_per_sec": (step - last) * batch_size / (now - last_time),
                                     "skipped_examples": skipped, "epoch": pipeline.epoch}
@@ -420,7 +470,7 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
                     console(f"step {step}/{total}: loss {metrics['loss']:.4f}, lr {metrics['learning_rate']:.3g}, "
                              f"{extra}{last_metrics['examples_per_sec']:.1f} examples/s, skipped {skipped}")
                 if step % int(config.checkpoint_every) == 0 or step == total:
-                    checkpointer.save(step, state, data_states())
+                    checkpointer.save(step, state, data_state())
                 if stop.requested:
                     stop_now(step)
                 if config.eval_every and step % int(config.eval_every) == 0 and step < total:
@@ -430,17 +480,23 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
             # re-running it gets its results at no cost).
             done_before = restored is not None and restored[0] >= total
             previous_evals = [r for r in read_metrics(workdir, "evals.jsonl") if r["step"] == step] \
-                if done_before and os.path.exists(eval_log.path) else []
+                if done_before and epath.Path(eval_log.path).exists() else []
             if previous_evals:
                 eval_results = {k: v for k, v in previous_evals[-1].items() if k != "step"}
             elif config.eval.at_end and sets:
                 eval_results = run_eval(step)
             checkpointer.wait()
-            if not (done_before and os.path.isdir(export)):
+            if not (done_before and epath.Path(export).is_dir()):
                 model = exported(state)
                 model.eval()
                 model.name_or_path = processor_dir
-                model.save_pretrained(export, overwrite=True)
+                if jax.process_count() > 1:
+                    # Every process takes part in gathering the sharded weights; process 0 writes them.
+                    values = nnx.state(model, nnx.Not(nnx.RngState))
+                    nnx.update(model, multihost_utils.process_allgather(values, tiled=True))
+                if primary:
+                    model.save_pretrained(export, overwrite=True)
+                multihost_utils.sync_global_devices("altjax export written")
             checkpointer.close()
             checkpoint_closed = True
     finally:
@@ -480,6 +536,31 @@ class ChanceWatch:
         return (f"step {step}: the loss has stayed at chance level ({self.chance:.4f} for this batch) for "
                 f"{self.patience} steps since step {self.since}: the model is not learning; check the data (images "
                 "matched to their captions?), the learning rate and the temperature")
+
+
+def resume_data_state(saved, current: dict, batch_size: int, directory: str, step: int) -> dict:
+    """The state this process's input pipeline continues from, of the data state a checkpoint
+    holds (``saved``) and the pipeline's own (``current``). Positions are global, so any topology
+    continues the same sequence; the skipped records counted before are carried by process 0 alone,
+    so that the sum over processes goes on from the checkpoint's total. A checkpoint of an altjax
+    whose position was per process (a list of states) continues at the same epoch and global batch,
+    with a warning: the order of examples after it differs from what that version would have read."""
+    if isinstance(saved, list):
+        first = saved[0]
+        per_process = batch_size // int(first.get("process_count", len(saved)))
+        saved = {**current, "epoch": int(first["epoch"]), "batch": int(first["position"]) // max(per_process, 1),
+                 "skipped": sum(int(s.get("skipped", 0)) for s in saved)}
+        log.warning("checkpoint %s/%d was written by an earlier altjax whose input position was per process; "
+                    "continuing at epoch %d, batch %d of the global order (the examples from here on differ from "
+                    "what that version would have read)", directory, step, saved["epoch"], saved["batch"])
+    for key in ("seed", "batch_size", "num_records"):
+        if key in saved and key in current and int(saved[key]) != int(current[key]):
+            raise IncompatibleCheckpoint(
+                f"checkpoint {directory}/{step} was written reading data with {key}={saved[key]}, this run has "
+                f"{key}={current[key]}: it would not continue the same sequence of examples; resume with the data "
+                "and batch size it was written with, or start a new workdir")
+    return {**current, "epoch": int(saved["epoch"]), "batch": int(saved["batch"]),
+            "skipped": int(saved.get("skipped", 0)) if jax.process_index() == 0 else 0}
 
 
 def _headline(metrics: dict[str, float]) -> str:

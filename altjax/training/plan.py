@@ -94,7 +94,9 @@ def batch_spec(config: ml_collections.ConfigDict, processor, directory: str, mes
     here), whose per-example shapes and dtypes the whole batch shares."""
     small = ml_collections.ConfigDict(config.to_dict())
     small.batch_size = sharding.batch_size_divisor(mesh)
-    pipeline = tasks.TASKS[config.task].pipeline(small, processor, directory, mesh)
+    # One example per device; the first rows of the global order are enough for the shapes.
+    rows = np.arange(small.batch_size)[sharding.process_batch_rows(mesh, small.batch_size)]
+    pipeline = tasks.TASKS[config.task].pipeline(small, processor, directory, rows)
     try:
         example = next(pipeline)
     finally:

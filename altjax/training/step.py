@@ -26,12 +26,13 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from altjax.sharding import batch_axes, batch_size_divisor
+from altjax.sharding import batch_axes, batch_size_divisor, process_batch_rows
 from altjax.training.objectives import Objective
 
 
@@ -45,6 +46,30 @@ def init_state(model: nnx.Module, trainable, tx: optax.GradientTransformation):
     graphdef, params, frozen, rest = split_model(model, trainable)
     return graphdef, {"params": params, "frozen": frozen, "rest": rest, "opt": tx.init(params),
                       "step": jnp.zeros((), jnp.int32)}
+
+
+def batch_positions(global_batch: int, devices: int, accum_steps: int = 1) -> np.ndarray:
+    """``positions[r]``: the place in the data's global order of the example that row ``r`` of the
+    sharded global batch holds. Micro-batch ``i`` takes the ``i``-th chunk of every device's rows
+    (:func:`_split_micro`, so that no data moves between devices); laying the examples out this
+    way makes micro-batch ``i`` exactly the examples ``i * B / k ... (i + 1) * B / k - 1`` in order,
+    whatever the number of devices, so that what a micro-batch computes (its dropout draws, its
+    BatchNorm statistics) does not depend on the topology. Identity when ``accum_steps`` is 1."""
+    k, n = accum_steps, devices
+    if global_batch % (n * k):
+        raise ValueError(f"global batch {global_batch} is not divisible by {n} devices x {k} accumulation steps")
+    b = global_batch // (n * k)
+    d, i, j = np.unravel_index(np.arange(global_batch), (n, k, b))
+    return i * (n * b) + d * b + j
+
+
+def process_batch_positions(mesh: Optional[Mesh], global_batch: int, accum_steps: int = 1) -> np.ndarray:
+    """The positions (:func:`batch_positions`) of the rows of each global batch that this process
+    loads, in the order of its rows: what its input pipeline reads."""
+    if mesh is None:
+        return batch_positions(global_batch, 1, accum_steps)
+    rows = process_batch_rows(mesh, global_batch)
+    return batch_positions(global_batch, batch_size_divisor(mesh), accum_steps)[rows]
 
 
 def _split_micro(x, k: int, n: int):

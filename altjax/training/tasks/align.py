@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -87,16 +86,14 @@ def build(config, directory: str, mesh):
     return model, processor
 
 
-def pipeline(config, processor, directory: str, mesh) -> InputPipeline:
-    """This process's rows of every global batch of images with their captions, deterministic and resumable."""
+def pipeline(config, processor, directory: str, rows) -> InputPipeline:
+    """This process's ``rows`` of every global batch of images with their captions, deterministic and resumable."""
     del directory
-    rows = sharding.process_batch_rows(mesh, int(config.batch_size))
     data = config.data
     image = ImageTransform(align_image_config(int(config.model.vision.image_size)), data.augment or None)
     return InputPipeline(source_from_config(data, data.split, data.caption_key, data.lang),
-                         batch_size=rows.stop - rows.start, image=image,
+                         batch_size=int(config.batch_size), rows=rows, image=image,
                          texts=TextField(processor.tokenizer, max_length=int(data.max_length)), seed=int(config.seed),
-                         process_index=jax.process_index(), process_count=jax.process_count(),
                          num_threads=data.num_threads or None, prefetch=int(data.prefetch))
 
 

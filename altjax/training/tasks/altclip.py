@@ -207,16 +207,14 @@ def student(model: DistillModel) -> nnx.Module:
 
 # ----- phase 1: pipeline and objective -----
 
-def distill_pipeline(config, processor, directory: str, mesh) -> parallel.ParallelTextPipeline:
-    """This process's rows of every global batch of parallel text: the teacher's tokens of
+def distill_pipeline(config, processor, directory: str, rows) -> parallel.ParallelTextPipeline:
+    """This process's ``rows`` of every global batch of parallel text: the teacher's tokens of
     sentence A, the student's of sentence B."""
-    rows = sharding.process_batch_rows(mesh, int(config.batch_size))
     teacher = AutoTokenizer.from_pretrained(os.path.join(directory, TEACHER_TOKENIZER_DIR))
     return parallel.ParallelTextPipeline(
-        parallel.pairs_from_config(config.data), batch_size=rows.stop - rows.start,
+        parallel.pairs_from_config(config.data), batch_size=int(config.batch_size), rows=rows,
         teacher=TextField(teacher, max_length=int(config.distill.teacher_max_length)),
-        student=TextField(processor.tokenizer, max_length=int(config.data.max_length)), seed=int(config.seed),
-        process_index=jax.process_index(), process_count=jax.process_count())
+        student=TextField(processor.tokenizer, max_length=int(config.data.max_length)), seed=int(config.seed))
 
 
 def distill_objective(*, target: str, remat=None) -> objectives.Objective:

@@ -33,9 +33,12 @@ class Task:
     ``build(config, directory, mesh) -> (model, processor)``: the model to train, initialised (or
     loaded) into ``mesh``, and the processor of what it exports, saved in ``directory`` (with any
     other file the pipeline needs, e.g. a teacher's tokenizer).
-    ``pipeline(config, processor, directory, mesh)``: this process's resumable input pipeline
+    ``pipeline(config, processor, directory, rows)``: this process's resumable input pipeline
     (``next``, ``get_state``, ``set_state``, ``epoch``, ``close``), giving the batches the
-    objective reads.
+    objective reads: of each global batch of ``config.batch_size`` examples in the data's global
+    order (:mod:`altjax.data.order`), the positions ``rows`` (an int array), in that order. Its
+    state (``epoch``, ``batch``: global batches of the epoch consumed, ``skipped``) must not
+    depend on ``rows``, so that a checkpoint resumes on another topology.
     ``objective(config) -> Objective``: the loss and metrics of a batch.
     ``export(model)``: the part of the trained model that is evaluated and saved to ``model/`` (by
     its ``save_pretrained``; the evaluations call it as ``altjax-eval`` does).
@@ -44,6 +47,6 @@ class Task:
     name: str
     check: Callable[[Checker], None]
     build: Callable[[Any, str, Mesh], tuple[nnx.Module, Any]]
-    pipeline: Callable[[Any, Any, str, Mesh], Any]
+    pipeline: Callable[[Any, Any, str, Any], Any]
     objective: Callable[[Any], Objective]
     export: Callable[[nnx.Module], nnx.Module] = unchanged

@@ -14,7 +14,6 @@ import dataclasses
 import os
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -108,17 +107,15 @@ def build(config, directory: str, mesh):
     return sharding.sharded_init(lambda: clip.CLIPModel(model_cfg, dtype=dtype, rngs=nnx.Rngs(seed)), mesh), processor
 
 
-def pipeline(config, processor, directory: str, mesh) -> InputPipeline:
-    """This process's rows of every global batch: images with one of their captions (one field
+def pipeline(config, processor, directory: str, rows) -> InputPipeline:
+    """This process's ``rows`` of every global batch: images with one of their captions (one field
     per language, drawn per example and epoch), deterministic and resumable."""
     del directory
-    rows = sharding.process_batch_rows(mesh, int(config.batch_size))
     data = config.data
     source = parallel.MultilingualCaptions(*multilingual_source(data))
     image = ImageTransform(clip_image_config(int(config.model.vision.image_size)), data.augment or None)
-    return InputPipeline(source, batch_size=rows.stop - rows.start, image=image,
+    return InputPipeline(source, batch_size=int(config.batch_size), rows=rows, image=image,
                          texts=TextField(processor.tokenizer, max_length=int(data.max_length)), seed=int(config.seed),
-                         process_index=jax.process_index(), process_count=jax.process_count(),
                          num_threads=data.num_threads or None, prefetch=int(data.prefetch))
 
 
