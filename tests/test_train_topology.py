@@ -153,3 +153,20 @@ def test_a_killed_process_ends_its_peer_and_the_run_resumes_on_fewer_devices(sin
 
     Run(workdir, data, cache, 1, 2).wait()
     assert_close_losses(workdir, single, RESUME_RTOL, "2 x 2 with a process killed after step 4, resumed as 1 x 2")
+
+
+def test_resume_data_state_is_global_and_refuses_another_stream(caplog):
+    from altjax.training.checkpoints import IncompatibleCheckpoint
+    from altjax.training.loop import resume_data_state
+
+    current = {"epoch": 0, "batch": 0, "skipped": 0, "seed": 0, "batch_size": 8, "num_records": 64}
+    saved = dict(current, epoch=2, batch=3, skipped=5)
+    got = resume_data_state(saved, current, 8, "ckpt", 40)
+    assert (got["epoch"], got["batch"], got["skipped"]) == (2, 3, 5), f"resumed at {got}"
+    with pytest.raises(IncompatibleCheckpoint, match="batch_size=8, this run has batch_size=16"):
+        resume_data_state(saved, dict(current, batch_size=16), 16, "ckpt", 40)
+    # An earlier altjax saved one position per process (records of its share consumed).
+    legacy = [{"epoch": 1, "position": 12, "skipped": 1, "process_index": i, "process_count": 2} for i in range(2)]
+    got = resume_data_state(legacy, current, 8, "ckpt", 40)
+    assert (got["epoch"], got["batch"], got["skipped"]) == (1, 3, 2), f"legacy state resumed at {got}"
+    assert any("earlier altjax" in r.getMessage() for r in caplog.records), "no warning for a legacy input state"

@@ -16,7 +16,8 @@ from altjax.models.bert import BertConfig
 from altjax.models.efficientnet import EfficientNetConfig
 from altjax.training import optim
 from altjax.training.objectives import attach_logit_bias, detach_logit_bias, logit_bias
-from altjax.training.step import init_state, loss_and_grads, make_train_step, split_model
+from altjax.training.step import (_split_micro, batch_positions, init_state, loss_and_grads, make_train_step,
+                                  process_batch_positions, split_model)
 from altjax.training.tasks import align
 from helpers import assert_close
 
@@ -156,6 +157,36 @@ def test_gradient_accumulation_equals_one_big_batch(big_batch):
     value, grads, _ = grads_of(GROUPED, batch, accum=K)
     assert_close(value, big_value, atol=2e-6, what=f"loss with {K} micro-batches vs one batch")
     assert_trees_close(grads, big_grads, 1e-6, f"gradient with {K} micro-batches vs one batch")
+
+
+def test_batch_positions_make_each_micro_batch_a_slice_of_the_global_order():
+    for devices, k in ((1, 1), (1, 4), (2, 2), (4, 2), (8, 4)):
+        positions = batch_positions(32, devices, k)
+        assert sorted(positions.tolist()) == list(range(32)), f"{devices} devices, {k} steps: not a permutation"
+        micro = np.asarray(_split_micro(positions, k, devices))
+        want = np.arange(32).reshape(k, 32 // k)
+        assert np.array_equal(micro, want), f"{devices} devices x {k} micro-batches hold {micro.tolist()}"
+    mesh = sharding.make_mesh()
+    assert np.array_equal(process_batch_positions(mesh, 32, 2), batch_positions(32, 8, 2)), \
+        "one process loads every row, in the layout of its 8 devices"
+
+
+def test_accumulated_gradients_with_dropout_do_not_depend_on_the_device_count():
+    """Each micro-batch holds the same examples on 8 devices as on 2 (rows laid out by
+    batch_positions), so its dropout and drop-connect draws and BatchNorm groups are the same."""
+    n = 2 * B  # 8 devices x K micro-batches
+    config = tiny_config(bn_group_size=n // K, dropout=0.2)
+    ordered = make_batch(n)
+    results = []
+    for devices in (2, 8):
+        mesh = sharding.make_mesh(devices=jax.devices()[:devices])
+        positions = batch_positions(n, devices, K)
+        batch = sharding.shard_batch({k: v[positions] for k, v in ordered.items()}, mesh)
+        results.append(grads_of(config, batch, accum=K, mesh=mesh))
+    (v2, g2, r2), (v8, g8, r8) = results
+    assert_close(v8, v2, atol=2e-6, what=f"loss with dropout and {K} micro-batches, 8 devices vs 2")
+    assert_trees_close(g8, g2, 1e-5, f"gradient with dropout and {K} micro-batches, 8 devices vs 2")
+    assert_trees_close(r8, r2, 1e-5, "BatchNorm statistics and dropout counters, 8 devices vs 2")
 
 
 def test_rematerialisation_gives_the_same_loss_gradients_and_statistics(big_batch):
