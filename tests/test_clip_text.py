@@ -17,6 +17,7 @@ import transformers
 from flax import nnx
 
 from altjax.model_io import engine
+from altjax.model_io.pretrained import ALTJAX_ONLY
 from altjax.model_io.directories import CheckpointError
 from altjax.models.clip_text import (
     CLIPText,
@@ -359,10 +360,13 @@ def test_config_round_trip_and_defaults():
         assert CLIPTextConfig.from_hf(d).to_hf() == d, f"{type(hc).__name__} dict changed in the round trip"
     ref = transformers.CLIPTextConfig().to_dict()
     ours = CLIPTextConfig()
+    # scan_layers is altjax's own (how the layers run), never written to an HF config.
+    own = {f for f, field in ours.__dataclass_fields__.items() if field.metadata.get(ALTJAX_ONLY)}
+    assert own == {"scan_layers"}, f"altjax-only fields {sorted(own)}"
     for f in ours.__dataclass_fields__:
-        if f != "extra":
+        if f != "extra" and f not in own:
             assert getattr(ours, f) == ref[f], f"default {f}: {getattr(ours, f)!r} != HF {ref[f]!r}"
-    assert set(ours.__dataclass_fields__) - {"extra"} == set(transformers.CLIPTextConfig.__annotations__) - {
+    assert set(ours.__dataclass_fields__) - {"extra"} - own == set(transformers.CLIPTextConfig.__annotations__) - {
         "model_type", "base_config_key"
     }, "CLIPTextConfig fields differ from transformers.CLIPTextConfig's"
     back = transformers.CLIPTextConfig.from_dict(CLIPTextConfig(**CONFIGS["h32-heads4-l2-eos98"]).to_hf())

@@ -18,6 +18,7 @@ import transformers
 from flax import nnx
 
 from altjax.model_io import engine
+from altjax.model_io.pretrained import ALTJAX_ONLY
 from altjax.models.vit import CLIPVision, CLIPVisionConfig, clip_vision_table, torch_bicubic_matrix, torch_bicubic_resize
 from helpers import assert_close, assert_rel_close, assert_round_trip, cosine, from_torch_state, torch_state
 
@@ -282,10 +283,13 @@ def test_config_round_trip_and_defaults():
     for hf_class in (transformers.CLIPVisionConfig, transformers.AltCLIPVisionConfig):
         ref = hf_class().to_dict()
         ours = CLIPVisionConfig()
+        # scan_layers is altjax's own (how the layers run), never written to an HF config.
+        own = {f for f, field in ours.__dataclass_fields__.items() if field.metadata.get(ALTJAX_ONLY)}
+        assert own == {"scan_layers"}, f"altjax-only fields {sorted(own)}"
         for f in ours.__dataclass_fields__:
-            if f != "extra":
+            if f != "extra" and f not in own:
                 assert getattr(ours, f) == ref[f], f"default {f}: {getattr(ours, f)!r} != {hf_class.__name__} {ref[f]!r}"
-        assert set(ours.__dataclass_fields__) - {"extra"} == set(hf_class.__annotations__) - {
+        assert set(ours.__dataclass_fields__) - {"extra"} - own == set(hf_class.__annotations__) - {
             "model_type", "base_config_key"
         }, f"CLIPVisionConfig fields differ from {hf_class.__name__}'s"
     back = transformers.CLIPVisionConfig.from_dict(CLIPVisionConfig(**CONFIGS["h32-heads4-l2-p4-img16"]).to_hf())

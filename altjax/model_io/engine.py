@@ -1,9 +1,12 @@
 """The conversion engine: applies a mapping table between a PyTorch state dict and NNX parameters.
 
 A table (``Table``) lists one ``Row`` per PyTorch tensor: its state-dict key, the dotted NNX path of
-the matching variable, and the layout change between them. Each model declares its own table, built
-from its config so that it lists exactly the keys that model has; the row builders below name the
-tensors of the PyTorch modules towers are made of (``nn.Linear``, ``nn.LayerNorm``, ...). The engine
+the matching variable, and the layout change between them. A row with an ``index`` maps its tensor
+onto one slice of a stacked variable (layers created with a leading layer axis): the engine stacks
+such rows on import and unstacks them on export, so one table serves both layouts. Each model
+declares its own table, built from its config so that it lists exactly the keys that model has; the
+row builders below name the tensors of the PyTorch modules towers are made of (``nn.Linear``,
+``nn.LayerNorm``, ...). The engine
 checks every key both ways and reports *all* problems at once: missing keys, unexpected keys and
 shape mismatches, each named with both shapes. It knows no specific model.
 """
@@ -31,11 +34,13 @@ LAYOUTS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarra
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One PyTorch tensor: state-dict key, NNX path, layout change."""
+    """One PyTorch tensor: state-dict key, NNX path, layout change, and for a stacked variable the
+    position along its leading axis that this tensor fills (``None``: the variable is the tensor)."""
 
     torch: str
     nnx: str
     layout: str = "copy"
+    index: int | None = None
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -61,10 +66,16 @@ class Table:
     def __post_init__(self):
         seen_t, seen_n = set(), set()
         for r in self.rows:
-            if r.torch in seen_t or r.nnx in seen_n:
+            if r.torch in seen_t or (r.nnx, r.index) in seen_n:
                 raise ValueError(f"table lists {r.torch!r} / {r.nnx!r} twice")
             seen_t.add(r.torch)
-            seen_n.add(r.nnx)
+            seen_n.add((r.nnx, r.index))
+        stacks: dict[str, list[int | None]] = {}
+        for r in self.rows:
+            stacks.setdefault(r.nnx, []).append(r.index)
+        for name, indices in stacks.items():
+            if indices != [None] and sorted(-1 if i is None else i for i in indices) != list(range(len(indices))):
+                raise ValueError(f"table stacks {name!r} from indices {indices}, expected 0 .. {len(indices) - 1}")
 
 
 # Spellings transformers' loader accepts for every model (its global legacy renames).
@@ -73,12 +84,19 @@ LEGACY_ALIASES = ((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta
 
 def prefixed(rows: Iterable[Row], torch_prefix: str, nnx_prefix: str) -> list[Row]:
     """The rows of a sub-module placed under a parent module's prefixes."""
-    return [Row(torch_prefix + r.torch, nnx_prefix + r.nnx, r.layout) for r in rows]
+    return [dataclasses.replace(r, torch=torch_prefix + r.torch, nnx=nnx_prefix + r.nnx) for r in rows]
 
 
-def repeated(rows: Iterable[Row], count: int) -> list[Row]:
-    """The rows of a repeated layer, ``"{i}"`` in each name replaced by 0 .. count - 1 in turn."""
+def repeated(rows: Iterable[Row], count: int, *, stacked: bool = False) -> list[Row]:
+    """The rows of a repeated layer, ``"{i}"`` in each name replaced by 0 .. count - 1 in turn.
+
+    With ``stacked`` the layers are one module whose variables have a leading layer axis: the NNX
+    path loses its ``.{i}`` component and each row fills index i of the stacked variable.
+    """
     rows = list(rows)
+    if stacked:
+        return [Row(r.torch.format(i=i), r.nnx.replace(".{i}", ""), r.layout, index=i)
+                for i in range(count) for r in rows]
     return [Row(r.torch.format(i=i), r.nnx.format(i=i), r.layout) for i in range(count) for r in rows]
 
 
@@ -157,24 +175,51 @@ def _shape(tensors: Mapping[str, Any], key: str) -> tuple[int, ...]:
     return tuple(tensors.shape(key)) if hasattr(tensors, "shape") else tuple(np.shape(tensors[key]))
 
 
-class _Converted(Mapping[str, np.ndarray]):
-    """Target key -> array, each converted from its source tensor when looked up (never cached), so a
-    caller that consumes and drops one tensor at a time holds one tensor, not a second model copy."""
+@dataclasses.dataclass(frozen=True)
+class _Stack:
+    """Source tensors that become one stacked target, in index order."""
 
-    def __init__(self, source: Mapping[str, Any], plan: dict[str, tuple[str | None, Callable, tuple[int, ...]]]):
+    keys: tuple[str | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slice:
+    """One index of a stacked source variable."""
+
+    key: str
+    index: int
+
+
+class _Converted(Mapping[str, np.ndarray]):
+    """Target key -> array, each converted from its source tensor(s) when looked up (never cached), so a
+    caller that consumes and drops one tensor at a time holds one tensor, not a second model copy.
+
+    A plan entry's source is a source key, ``None`` (a counter the checkpoint lacks: zero), a
+    ``_Stack`` of keys or a ``_Slice`` of one.
+    """
+
+    def __init__(self, source: Mapping[str, Any], plan: dict[str, tuple[Any, Callable, tuple[int, ...]]]):
         self._source, self._plan = source, plan
 
+    def _one(self, key: str | None, convert: Callable) -> np.ndarray:
+        return convert(np.zeros((), np.int64) if key is None else self._source[key])
+
     def __getitem__(self, key: str) -> np.ndarray:
-        source_key, convert, _ = self._plan[key]
-        return convert(np.zeros((), np.int64) if source_key is None else self._source[source_key])
+        source, convert, _ = self._plan[key]
+        if isinstance(source, _Stack):
+            return np.stack([self._one(k, convert) for k in source.keys])
+        if isinstance(source, _Slice):
+            return convert(np.asarray(self._source[source.key])[source.index])
+        return self._one(source, convert)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._plan[key][2]
 
     def dtype(self, key: str) -> np.dtype:
-        source_key, convert, _ = self._plan[key]
+        source, convert, _ = self._plan[key]
         if convert.layout == "counter":
             return convert(np.zeros((), np.int64)).dtype
+        source_key = source.keys[0] if isinstance(source, _Stack) else source.key if isinstance(source, _Slice) else source
         if hasattr(self._source, "dtype"):
             return np.dtype(self._source.dtype(source_key))
         return np.asarray(self._source[source_key]).dtype
@@ -231,20 +276,29 @@ def torch_to_nnx(
         [("missing keys", missing), ("unexpected keys", unexpected), ("keys given twice", duplicates)],
         f"{source} does not match the model",
     )
-    plan: dict[str, tuple[str | None, Callable, tuple[int, ...]]] = {
-        r.nnx: (None, _converter(r.layout, 0), ()) for r in absent_counters}
+    # Source key (None: an absent counter) of every row, by NNX path and index.
+    found: dict[str, dict[int | None, str | None]] = {}
+    for r in absent_counters:
+        found.setdefault(r.nnx, {})[r.index] = None
     mismatched = []
     for name, key in canonical.items():
         row = rows[name]
         backward = LAYOUTS[row.layout][1]
         have = _shape(tensors, key)
         want = tuple(expected_shapes[row.nnx])
+        if row.index is not None:
+            want = want[1:]
         want_torch = tuple(backward(np.empty(want, dtype=np.uint8)).shape) if len(want) == len(have) else want
         if have != want_torch:
             mismatched.append(f"{key}: {source} has {have}, the model expects {want_torch}")
             continue
-        plan[row.nnx] = (key, _converter(row.layout, 0), want)
+        found.setdefault(row.nnx, {})[row.index] = key
     _raise_if([("shape mismatches", mismatched)], f"{source} does not match the model")
+    layouts = {r.nnx: r.layout for r in table.rows}
+    plan: dict[str, tuple[Any, Callable, tuple[int, ...]]] = {}
+    for name, keys in found.items():
+        plan[name] = (keys[None] if None in keys else _Stack(tuple(keys[i] for i in range(len(keys)))),
+                      _converter(layouts[name], 0), tuple(expected_shapes[name]))
     converted = _Converted(tensors, plan)
     return converted if lazy else dict(converted)
 
@@ -264,12 +318,15 @@ def nnx_to_torch(params: Mapping[str, Any], table: Table, *, on_disk: bool = Tru
     missing = sorted(needed - set(params))
     unexpected = sorted(set(params) - needed)
     _raise_if([("missing parameters", missing), ("unexpected parameters", unexpected)], "model does not match the table")
-    plan: dict[str, tuple[str, Callable, tuple[int, ...]]] = {}
+    plan: dict[str, tuple[Any, Callable, tuple[int, ...]]] = {}
     for row in table.rows:
         key = _rewrite(row.torch, table.disk_renames) if on_disk else row.torch
         backward = LAYOUTS[row.layout][1]
-        shape = tuple(backward(np.empty(_shape(params, row.nnx), dtype=np.uint8)).shape)
-        plan[key] = (row.nnx, _converter(row.layout, 1), shape)
+        shape = _shape(params, row.nnx)
+        if row.index is not None:
+            shape = shape[1:]
+        shape = tuple(backward(np.empty(shape, dtype=np.uint8)).shape)
+        plan[key] = (row.nnx if row.index is None else _Slice(row.nnx, row.index), _converter(row.layout, 1), shape)
     converted = _Converted(params, plan)
     return converted if lazy else dict(converted)
 

@@ -8,6 +8,7 @@ Nothing here knows a specific model.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable, ClassVar, Optional
 
@@ -32,6 +33,38 @@ from altjax.model_io.hf_weights import DEFAULT_MAX_SHARD_SIZE, open_weights, wri
 from altjax.model_io.orbax_params import restore_orbax, save_orbax
 
 FORMATS = ("altjax", "hf")
+# Metadata of a config dataclass field of altjax's own (such as ``scan_layers``): the config's
+# ``to_hf()`` leaves it out, and an altjax directory's config.json records it when not at its default.
+ALTJAX_ONLY = "altjax_only"
+SCAN_LAYERS = "scan_layers"
+
+
+def _with_altjax_fields(config: Any, d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` (``config.to_hf()``) with the altjax fields of ``config`` and of its nested configs
+    that differ from their defaults."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get(ALTJAX_ONLY):
+            if value != f.default:
+                d[f.name] = value
+        elif dataclasses.is_dataclass(value) and isinstance(d.get(f.name), dict):
+            _with_altjax_fields(value, d[f.name])
+    return d
+
+
+def _with_scan_layers(config: Any, scan_layers: bool) -> tuple[Any, bool]:
+    """``config`` with ``scan_layers`` set in it and every nested config that has the field, and
+    whether any had it."""
+    changes, found = {}, False
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == SCAN_LAYERS:
+            changes[f.name], found = scan_layers, True
+        elif dataclasses.is_dataclass(value):
+            value, inner = _with_scan_layers(value, scan_layers)
+            if inner:
+                changes[f.name], found = value, True
+    return (dataclasses.replace(config, **changes) if changes else config), found
 
 
 def _sharding_of(mesh, rules) -> Optional[Callable[[str, tuple[int, ...]], NamedSharding]]:
@@ -68,7 +101,7 @@ class PretrainedModel:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, seed: int = 0, mesh=None, rules=None,
-                        progress: bool = False):
+                        scan_layers: Optional[bool] = None, progress: bool = False):
         """Loads an HF directory (``config.json`` + safetensors, sharded safetensors or
         ``pytorch_model.bin``; torch is needed only for ``.bin``) or an altjax directory
         (``save_pretrained``), without initialising random weights first.
@@ -76,7 +109,11 @@ class PretrainedModel:
         ``dtype`` is the compute dtype (parameters stay float32); ``seed`` seeds the dropout
         streams. The model is built abstractly and filled one tensor at a time; with a ``mesh``
         each parameter is placed directly in its ``altjax.sharding`` layout (``rules`` default to
-        ``sharding.PARTITION_RULES``), with no full replica on any device. Every key spelling the
+        ``sharding.PARTITION_RULES``), with no full replica on any device. ``scan_layers`` (default:
+        the directory's layout, unrolled for an HF directory) chooses the layout of the towers that
+        have the option: stacked layers run by a scan, or one module per layer; either loads from
+        either directory (a layout change goes through the model's table and reads an altjax
+        directory's parameters onto the host first). Every key spelling the
         model's table accepts loads, and stale non-persistent buffers of older checkpoints are
         ignored. Raises ``CheckpointError`` when the directory is not one of this model and
         ``ConversionError`` naming every missing, unexpected or misshapen tensor.
@@ -85,20 +122,34 @@ class PretrainedModel:
         config_dict = read_config(path)
         check_model_type(config_dict, (cls.model_type, *cls.also_reads), path)
         try:
-            config = cls.config_from_hf(config_dict)
-            model = nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(seed)))
+            stored = cls.config_from_hf(config_dict)
+            model = nnx.eval_shape(lambda: cls(stored, dtype=dtype, rngs=nnx.Rngs(seed)))
         except (ValueError, TypeError, KeyError) as e:  # a config the model cannot be built from
             raise CheckpointError(f"{os.path.join(path, CONFIG_NAME)}: {e}") from None
+        config = stored
+        if scan_layers is not None:
+            config, found = _with_scan_layers(stored, scan_layers)
+            if not found and scan_layers:
+                raise ValueError(f"{cls.__name__} has no layers to scan (no scan_layers in its config)")
+        stored_shapes = engine.model_shapes(model)
+        if config != stored:
+            model = nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(seed)))
         shardings = _sharding_of(mesh, rules)
         shapes = engine.model_shapes(model)
-        if is_altjax_dir(path):
+        if is_altjax_dir(path) and config == stored:
             params = restore_orbax(os.path.join(path, ALTJAX_PARAMS_DIR), shapes, shardings)
+        elif is_altjax_dir(path):
+            restored = restore_orbax(os.path.join(path, ALTJAX_PARAMS_DIR), stored_shapes, None)
+            tensors = engine.nnx_to_torch({k: restored[k] for k in stored_shapes}, cls.conversion_table(stored),
+                                          on_disk=False, lazy=True)
+            params = engine.torch_to_nnx(tensors, cls.conversion_table(config), shapes, source=path, lazy=True)
         else:
             tensors = open_weights(path)
             params = engine.torch_to_nnx(tensors, cls.conversion_table(config), shapes,
                                          source=getattr(tensors, "file", path), lazy=True)
         engine.load_params(model, params, sharding=shardings, progress=progress)
-        nnx.reseed(model, default=seed, dropout=seed)
+        # Stacked layers hold one dropout key per layer: each gets its own, split from the seed.
+        nnx.reseed(model, default=seed, dropout=seed, policy="match_shape")
         model.name_or_path = path
         return model
 
@@ -107,8 +158,9 @@ class PretrainedModel:
                         progress: bool = False) -> str:
         """Writes the model as an altjax or HF directory, atomically; returns its absolute path.
 
-        ``format="altjax"``: ``config.json``, orbax ``params/`` and the processor files of the
-        directory the model was loaded from. ``format="hf"``: ``config.json``, safetensors with
+        ``format="altjax"``: ``config.json`` (with altjax's own config fields, such as
+        ``scan_layers``, where they differ from their defaults), orbax ``params/`` and the processor
+        files of the directory the model was loaded from. ``format="hf"``: ``config.json``, safetensors with
         the key spellings transformers 5 writes (sharded above ``max_shard_size``) and the
         processor files, loadable by transformers' ``from_pretrained``; a round trip is bit-exact.
         ``overwrite`` replaces only an earlier output of altjax, never the source or a directory
@@ -119,7 +171,9 @@ class PretrainedModel:
         source = self.name_or_path
         variables = engine.model_variables(self)
         with atomic_directory(path, overwrite=overwrite, sources=(source,)) as tmp:
-            write_json(os.path.join(tmp, CONFIG_NAME), self.config.to_hf())
+            config = self.config.to_hf()
+            write_json(os.path.join(tmp, CONFIG_NAME),
+                       _with_altjax_fields(self.config, config) if format == "altjax" else config)
             if format == "altjax":
                 save_orbax(os.path.join(tmp, ALTJAX_PARAMS_DIR), {k: v.get_value() for k, v in variables.items()})
             else:

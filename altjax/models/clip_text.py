@@ -23,7 +23,7 @@ from altjax.model_io.engine import Row, Table, embedding_rows, layer_norm_rows, 
 from altjax.model_io.pretrained import PretrainedModel
 from altjax.models import inputs, layers
 from altjax.models.clip_transformer import CLIPEncoder, encoder_rows
-from altjax.models.configuration import config_from_hf, config_to_hf
+from altjax.models.configuration import altjax_field, config_from_hf, config_to_hf
 from altjax.models.outputs import TowerOutput
 
 MODEL_TYPE = "clip_text_model"
@@ -40,7 +40,8 @@ class CLIPTextConfig:
     ``projection_dim`` is the width of ``CLIPTextTeacher.text_projection``. A ``CLIPModel``
     checkpoint keeps that width in its top-level ``projection_dim``, which
     ``CLIPTextTeacher.from_pretrained`` copies here. ``pad_token_id`` and ``bos_token_id`` are
-    informational; ``eos_token_id`` chooses the pooled position.
+    informational; ``eos_token_id`` chooses the pooled position. ``scan_layers`` is altjax's own (not
+    written to HF configs): stacked encoder layers run by a scan.
     """
 
     vocab_size: int = 49408
@@ -58,6 +59,8 @@ class CLIPTextConfig:
     pad_token_id: Optional[int] = 1
     bos_token_id: Optional[int] = 49406
     eos_token_id: Optional[int] = 49407
+    # Stacked layers run by one scan (compiled once, whatever the depth) instead of a loop.
+    scan_layers: bool = altjax_field(False)
     # Left out of the hash so that the config (a static attribute of the module) stays hashable.
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
@@ -155,13 +158,13 @@ class CLIPText(nnx.Module):
             position_ids = jnp.arange(length, dtype=jnp.int32)[None, :]
         mask = None if attention_mask is None else (jnp.asarray(attention_mask) != 0)[:, None, None, :]
         h = self.embeddings(input_ids, jnp.asarray(position_ids))
-        h, hidden_states = self.encoder(h, mask, is_causal=True)
+        h, hidden_states = self.encoder(h, mask, is_causal=True, output_hidden_states=output_hidden_states)
         h = self.final_layer_norm(h)
         pooled = h[jnp.arange(h.shape[0]), eos_positions(input_ids, self.config.eos_token_id)]
         return TowerOutput(
             last_hidden_state=h,
             pooler_output=pooled,
-            hidden_states=hidden_states if output_hidden_states else None,
+            hidden_states=hidden_states,
         )
 
 
@@ -177,8 +180,9 @@ NOT_TEACHER = (r"^vision_model\.", r"^visual_projection\.", r"^logit_scale$")
 
 
 def clip_text_rows(config: CLIPTextConfig) -> list[Row]:
-    """Every tensor of the text tower, keys relative to it (``embeddings.token_embedding.weight``, ...)."""
-    return EMBEDDINGS + encoder_rows(config.num_hidden_layers) + HEAD
+    """Every tensor of the text tower, keys relative to it (``embeddings.token_embedding.weight``, ...),
+    in the config's layer layout."""
+    return EMBEDDINGS + encoder_rows(config.num_hidden_layers, config.scan_layers) + HEAD
 
 
 def clip_text_table(config: CLIPTextConfig) -> Table:

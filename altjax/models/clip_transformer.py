@@ -6,7 +6,10 @@ initialisation. It reads only fields that CLIP's vision and text configs both ha
 (``hidden_size``, ``intermediate_size``, ``num_attention_heads``, ``num_hidden_layers``,
 ``hidden_act``, ``layer_norm_eps``, ``attention_dropout``, ``initializer_factor``).
 Attribute names mirror the PyTorch modules (``layers[i].self_attn.q_proj``, ...), and
-``encoder_rows`` lists their tensors in transformers' state dict.
+``encoder_rows`` lists their tensors in transformers' state dict. With the config's ``scan_layers``
+the layers are one module whose variables have a leading layer axis (``layers.self_attn.q_proj``,
+kernel (L, D, D)), applied by ``nnx.scan``: XLA compiles one layer whatever the depth. The table's
+rows then stack and unstack transformers' per-layer tensors.
 """
 from __future__ import annotations
 
@@ -90,22 +93,46 @@ class CLIPEncoderLayer(nnx.Module):
 
 
 class CLIPEncoder(nnx.Module):
-    """``num_hidden_layers`` encoder layers (``layers[i]``)."""
+    """``num_hidden_layers`` encoder layers: ``layers[i]``, or with ``config.scan_layers`` one
+    stacked ``layers`` (every variable, dropout keys included, with a leading layer axis)."""
 
     def __init__(self, config: Any, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.layers = nnx.List(
-            [CLIPEncoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
-        )
+        self.scan_layers = config.scan_layers
+        if config.scan_layers:
+            # Split streams: each layer draws its own initial weights and dropout masks.
+            @nnx.split_rngs(splits=config.num_hidden_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(rngs: nnx.Rngs) -> CLIPEncoderLayer:
+                return CLIPEncoderLayer(config, dtype=dtype, rngs=rngs)
+
+            self.layers = stacked(rngs)
+        else:
+            self.layers = nnx.List(
+                [CLIPEncoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
+            )
 
     def __call__(
-        self, x: jax.Array, mask: Optional[jax.Array] = None, is_causal: bool = False
-    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        """Returns the last layer's output and every hidden state (the input and each layer's output)."""
+        self, x: jax.Array, mask: Optional[jax.Array] = None, is_causal: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[jax.Array, Optional[tuple[jax.Array, ...]]]:
+        """Returns the last layer's output and, with ``output_hidden_states``, every hidden state
+        (the input and each layer's output; ``None`` otherwise)."""
+        if self.scan_layers:
+            # The scan keeps per-layer outputs only on request: stacked, they cost L activations.
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0) if output_hidden_states else nnx.Carry)
+            def step(layer: CLIPEncoderLayer, h: jax.Array):
+                h = layer(h, mask, is_causal)
+                return (h, h) if output_hidden_states else h
+
+            if not output_hidden_states:
+                return step(self.layers, x), None
+            last, outputs = step(self.layers, x)
+            return last, (x, *outputs)
         hidden_states = [x]
         for layer in self.layers:
             x = layer(x, mask, is_causal)
             hidden_states.append(x)
-        return x, tuple(hidden_states)
+        return x, tuple(hidden_states) if output_hidden_states else None
 
 
 # --- transformers' state dict ---------------------------------------------------------------------
@@ -123,7 +150,8 @@ LAYER = [
 ]
 
 
-def encoder_rows(num_layers: int) -> list[Row]:
+def encoder_rows(num_layers: int, scan_layers: bool = False) -> list[Row]:
     """Every tensor of ``encoder`` (keys ``encoder.layers.{i}.*``, relative to the tower), in the
-    in-memory spelling; AltCLIP's on-disk ``encoder.layer.{i}`` is an alias of AltCLIP's table."""
-    return repeated(LAYER, num_layers)
+    in-memory spelling; AltCLIP's on-disk ``encoder.layer.{i}`` is an alias of AltCLIP's table.
+    With ``scan_layers`` layer i's tensors fill index i of the stacked ``encoder.layers.*``."""
+    return repeated(LAYER, num_layers, stacked=scan_layers)

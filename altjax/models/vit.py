@@ -25,7 +25,7 @@ from flax import nnx
 from altjax.model_io.engine import Row, Table, conv_rows, embedding_rows, layer_norm_rows
 from altjax.models import inputs, layers
 from altjax.models.clip_transformer import CLIPEncoder, encoder_rows
-from altjax.models.configuration import config_from_hf, config_to_hf
+from altjax.models.configuration import altjax_field, config_from_hf, config_to_hf
 from altjax.models.outputs import TowerOutput
 
 MODEL_TYPE = "clip_vision_model"
@@ -39,6 +39,7 @@ class CLIPVisionConfig:
 
     Unknown keys (``model_type``, ...) are kept in ``extra``. ``projection_dim`` is not used by the
     tower (the dual encoders own their projections); ``initializer_factor`` scales the random init.
+    ``scan_layers`` is altjax's own (not written to HF configs): stacked encoder layers run by a scan.
     """
 
     hidden_size: int = 768
@@ -54,6 +55,8 @@ class CLIPVisionConfig:
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
     initializer_factor: float = 1.0
+    # Stacked layers run by one scan (compiled once, whatever the depth) instead of a loop.
+    scan_layers: bool = altjax_field(False)
     # Left out of the hash so that the config (a static attribute of the module) stays hashable.
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
@@ -245,11 +248,11 @@ class CLIPVision(nnx.Module):
     def forward(self, pixel_values, interpolate_pos_encoding=False, output_hidden_states=False) -> TowerOutput:
         """``__call__`` without the argument checks, for models that checked them at their own boundary."""
         h = self.embeddings(jnp.asarray(pixel_values), interpolate_pos_encoding)
-        h, hidden_states = self.encoder(self.pre_layrnorm(h))
+        h, hidden_states = self.encoder(self.pre_layrnorm(h), output_hidden_states=output_hidden_states)
         return TowerOutput(
             last_hidden_state=h,
             pooler_output=self.post_layernorm(h[:, 0]),
-            hidden_states=hidden_states if output_hidden_states else None,
+            hidden_states=hidden_states,
         )
 
 
@@ -270,8 +273,9 @@ IGNORED_BUFFERS = (r"embeddings\.position_ids$",)
 
 
 def clip_vision_rows(config: CLIPVisionConfig) -> list[Row]:
-    """Every tensor of the vision tower, keys relative to it (``embeddings.class_embedding``, ...)."""
-    return EMBEDDINGS + encoder_rows(config.num_hidden_layers) + HEAD
+    """Every tensor of the vision tower, keys relative to it (``embeddings.class_embedding``, ...),
+    in the config's layer layout."""
+    return EMBEDDINGS + encoder_rows(config.num_hidden_layers, config.scan_layers) + HEAD
 
 
 def clip_vision_table(config: CLIPVisionConfig) -> Table:

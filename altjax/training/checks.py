@@ -195,6 +195,10 @@ def check_model(c: Checker, *, model_type: str, presets, config_class) -> None:
             c.fail(f"model.{tower}", f"unknown field(s) {', '.join(unknown)} for {type(sub).__name__}")
         if tower == "text" and "vocab_size" not in values:
             c.fail("model.text.vocab_size", "missing; give the vocabulary size, or -1 for the tokenizer's")
+        if values.get("scan_layers"):
+            # A stacked parameter would get one LAMB trust ratio for all its layers, and remat acts
+            # on whole towers: training a scanned tower waits for both to be per layer.
+            c.fail(f"model.{tower}.scan_layers", "training scanned layers is not supported yet; leave it false")
         for name, value in values.items():
             if name == "vocab_size" and value == -1:
                 continue
