@@ -18,7 +18,10 @@ A user's mistake (a config value, a workdir, a checkpoint that does not fit) is 
 
 Multi-host: ``--distributed`` calls ``jax.distributed.initialize()`` first (with
 ``--coordinator-address``, ``--num-processes`` and ``--process-id`` where JAX cannot find them in
-the environment); every process then reads its own rows of each global batch.
+the environment, and JAX's recoverability on: :mod:`altjax.training.peers`); every process then
+loads its own rows of each global batch. The run computes the same on any topology and resumes on
+any other; a process that dies or fails alone ends the others within ``config.peer_timeout_s``
+with one line and status 1.
 
 ``--dry-run`` checks the config as a run does, compiles its step for the current devices and prints
 the bytes per device (parameters, optimiser state, temporaries), the FLOPs of a step and the batch
