@@ -351,7 +351,8 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
             step, state, saved_data = restored
             pipeline.set_state(resume_data_state(saved_data, pipeline.get_state(), batch_size,
                                                  checkpointer.directory, step))
-            console(f"resumed from {checkpointer.directory}/{step}")
+            if primary:
+                console(f"resumed from {checkpointer.directory}/{step}")
         # The run is built and its checkpoint (if any) fits: now its record is written.
         if primary:
             workdirs.write_text_atomic(os.path.join(workdir, workdirs.CONFIG_FILE),
@@ -424,8 +425,10 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
             start_step = step
             if config.eval.at_start and sets and step == 0:
                 eval_start = run_eval(0)
-            progress = Progress(total, "training", unit="steps")
-            progress.count = step
+            # The console is process 0's, as the files are: a pod's hosts would print every line alike.
+            if primary:
+                progress = Progress(total, "training", unit="steps")
+                progress.count = step
             last, last_time, last_metrics = step, time.perf_counter(), {}
             while step < total:
                 if stop.requested and jax.process_count() == 1:
@@ -442,7 +445,8 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
                         f"{checkpointer.directory}")
                 # A save that failed in the background stops the run now, not one interval later.
                 checkpointer.check()
-                progress.update(1)
+                if progress is not None:
+                    progress.update(1)
                 if jax.process_count() > 1:
                     # Every process must stop at the same step: a signal may reach them at different steps.
                     signals = np.asarray(multihost_utils.process_allgather(np.asarray(stop.requested or 0)))
@@ -467,8 +471,9 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
                     # The objective's own headline: the contrastive temperature, or phase 1's cosine.
                     extra = "".join(f"{name} {metrics[name]:.4f}, " for name in ("temperature", "logit_bias", "cosine")
                                     if name in metrics)
-                    console(f"step {step}/{total}: loss {metrics['loss']:.4f}, lr {metrics['learning_rate']:.3g}, "
-                             f"{extra}{last_metrics['examples_per_sec']:.1f} examples/s, skipped {skipped}")
+                    if primary:
+                        console(f"step {step}/{total}: loss {metrics['loss']:.4f}, lr {metrics['learning_rate']:.3g}, "
+                                f"{extra}{last_metrics['examples_per_sec']:.1f} examples/s, skipped {skipped}")
                 if step % int(config.checkpoint_every) == 0 or step == total:
                     checkpointer.save(step, state, data_state())
                 if stop.requested:
