@@ -13,6 +13,7 @@ import os
 from typing import Any, Callable, ClassVar, Optional
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
@@ -65,6 +66,22 @@ def _with_scan_layers(config: Any, scan_layers: bool) -> tuple[Any, bool]:
             if inner:
                 changes[f.name], found = value, True
     return (dataclasses.replace(config, **changes) if changes else config), found
+
+
+def _abstract(cls, config, dtype, seed: int):
+    """``cls(config)`` built abstractly: every variable a ``jax.ShapeDtypeStruct``, nothing computed."""
+
+    def build():
+        rngs = nnx.Rngs(seed)
+        # The streams' draw counters stay on the host while the model is traced. Traced, each
+        # counter update costs time linear in everything traced before it (flax reads the new
+        # counter's sharding, and JAX's error for a tracer walks the trace), so building took time
+        # quadratic in depth: 48 + 48 narrow CLIP layers loaded in 110 s, 24 + 24 in 25 s.
+        for _, count in nnx.to_flat_state(nnx.state(rngs, nnx.RngCount)):
+            count.set_value(np.zeros(np.shape(count.get_value()), np.uint32))
+        return cls(config, dtype=dtype, rngs=rngs)
+
+    return nnx.eval_shape(build)
 
 
 def _sharding_of(mesh, rules) -> Optional[Callable[[str, tuple[int, ...]], NamedSharding]]:
@@ -123,7 +140,7 @@ class PretrainedModel:
         check_model_type(config_dict, (cls.model_type, *cls.also_reads), path)
         try:
             stored = cls.config_from_hf(config_dict)
-            model = nnx.eval_shape(lambda: cls(stored, dtype=dtype, rngs=nnx.Rngs(seed)))
+            model = _abstract(cls, stored, dtype, seed)
         except (ValueError, TypeError, KeyError) as e:  # a config the model cannot be built from
             raise CheckpointError(f"{os.path.join(path, CONFIG_NAME)}: {e}") from None
         config = stored
@@ -133,7 +150,7 @@ class PretrainedModel:
                 raise ValueError(f"{cls.__name__} has no layers to scan (no scan_layers in its config)")
         stored_shapes = engine.model_shapes(model)
         if config != stored:
-            model = nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(seed)))
+            model = _abstract(cls, config, dtype, seed)
         shardings = _sharding_of(mesh, rules)
         shapes = engine.model_shapes(model)
         if is_altjax_dir(path) and config == stored:
