@@ -31,7 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.peer_timeout_s = 10.0
     c.grad_accum_steps = 1
     c.mesh = dict(data=-1, model=1)
-    # Rematerialisation of each tower in the backward pass (jax.checkpoint_policies name).
+    # Rematerialisation of every layer (transformer layer, MBConv block) on its own in the backward
+    # pass, under the jax.checkpoint_policies policy named remat_policy.
     c.remat = False
     c.remat_policy = "nothing_saveable"
     # Parameters whose path matches this regex do not train (LiT: "^vision_model/").

@@ -74,7 +74,8 @@ def from_torch_state(module_class, state, config, dtype=None, *, table=None):
     table = module_class.conversion_table if table is None else table
     model = nnx.eval_shape(lambda: module_class(config, dtype=jnp.float32 if dtype is None else dtype, rngs=nnx.Rngs(0)))
     engine.load_params(model, engine.torch_to_nnx(state, table(config), engine.model_shapes(model)))
-    nnx.reseed(model, default=0, dropout=0)  # the RNG streams of an abstract model are placeholders
+    # The RNG streams of an abstract model are placeholders; stacked layers hold a key per layer.
+    nnx.reseed(model, default=0, dropout=0, policy="match_shape")
     return model
 
 

@@ -227,11 +227,15 @@ def test_round_trip_is_bit_exact(tiny):
     assert_round_trip(back, state)
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("name", list(TINY))
-def test_train_mode_outputs_stats_and_gradients(name):
+def test_train_mode_outputs_stats_and_gradients(name, scan):
+    """Train mode against transformers, BERT's layers unrolled or stacked and scanned."""
     hc = hf_config(name, train=True, temperature=0.3)
     tm = randomise_(transformers.AlignModel(hc), seed=3).train()
     cfg = AlignConfig.from_hf(hc.to_dict())
+    tag = f"{name} {'scanned' if scan else 'unrolled'}"
+    cfg = dataclasses.replace(cfg, text_config=dataclasses.replace(cfg.text_config, scan_layers=scan))
     model = convert(torch_state(tm), cfg)
     model.train()
     text, pixels = make_inputs(cfg, TINY[name]["image_size"], batch=4, length=11, seed=4)
@@ -252,14 +256,14 @@ def test_train_mode_outputs_stats_and_gradients(name):
     inputs = {k: jnp.asarray(v) for k, v in text.items()} | {"pixel_values": jnp.asarray(pixels)}
     (_, (out, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, inputs)
     with torch.no_grad():
-        check_outputs(out, ref, 0.3, what=f"{name} train")
+        check_outputs(out, ref, 0.3, what=f"{tag} train")
 
     table = align_table(cfg)
     new_stats = engine.nnx_to_torch(flat(stats) | flat(params), table)
     bn_keys = [k for k in ref_state if k.endswith(("running_mean", "running_var"))]
     assert bn_keys, "no BatchNorm statistics found"
     for k in bn_keys:
-        assert_rel_close(new_stats[k], ref_state[k], rtol=1e-5, what=f"{name} updated {k}")
+        assert_rel_close(new_stats[k], ref_state[k], rtol=1e-5, what=f"{tag} updated {k}")
 
     zeros = {k: np.zeros_like(v) for k, v in flat(stats).items()}
     torch_grads = engine.nnx_to_torch(flat(grads) | zeros, table)
@@ -270,9 +274,9 @@ def test_train_mode_outputs_stats_and_gradients(name):
             # Both sides are rounding noise around an exact 0: measured against the largest gradient.
             for side, v in (("altjax", torch_grads[key]), ("torch", g)):
                 noise = float(np.max(np.abs(v))) / model_scale
-                assert noise <= 1e-4, f"{name} {side} gradient of {key} is {noise:.3e} of the largest, expected ~0"
+                assert noise <= 1e-4, f"{tag} {side} gradient of {key} is {noise:.3e} of the largest, expected ~0"
             continue
-        assert_rel_close(torch_grads[key], g, rtol=1e-4, what=f"{name} gradient of {key}")
+        assert_rel_close(torch_grads[key], g, rtol=1e-4, what=f"{tag} gradient of {key}")
     assert "temperature" in ref_grads and abs(float(ref_grads["temperature"])) > 0
 
 

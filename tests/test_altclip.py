@@ -6,6 +6,7 @@ absolute (cosines scaled by exp(logit_scale), so the cosine error times that sca
 since |d loss| <= max |d logit|; gradients 1e-4 relative to the largest reference gradient of each
 tensor; conversions bit-exact; bfloat16 compute: cosine to the float32 reference >= 0.999.
 """
+import dataclasses
 import functools
 import gc
 import json
@@ -223,11 +224,16 @@ def flat(state):
     return {".".join(map(str, path)): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("name", ["p8-32px", "p6-30px-pad3"])
-def test_train_mode_loss_and_gradients(name):
+def test_train_mode_loss_and_gradients(name, scan):
+    """Train mode against transformers, both towers' layers unrolled or stacked and scanned."""
     hc = hf_config(name, train=True)
     tm = randomise_(transformers.AltCLIPModel(hc), seed=4).train()
     cfg = AltCLIPConfig.from_hf(hc.to_dict())
+    tag = f"{name} {'scanned' if scan else 'unrolled'}"
+    cfg = dataclasses.replace(cfg, text_config=dataclasses.replace(cfg.text_config, scan_layers=scan),
+                              vision_config=dataclasses.replace(cfg.vision_config, scan_layers=scan))
     model = convert(torch_state(tm), cfg)
     model.train()
     text, pixels = make_inputs(cfg, cfg.vision_config.image_size, batch=4, length=11, seed=5)
@@ -238,14 +244,14 @@ def test_train_mode_loss_and_gradients(name):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit
-    def loss_fn(params, inputs):
+    def loss_fn(params, rest, inputs):
         out = nnx.merge(graphdef, params, rest)(**inputs, return_loss=True)
         return out.loss, out
 
     inputs = {k: jnp.asarray(v) for k, v in text.items()} | {"pixel_values": jnp.asarray(pixels)}
-    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, inputs)
+    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, inputs)
     with torch.no_grad():
-        check_outputs(out, ref, TINY[name]["logit_scale"], what=f"{name} train")
+        check_outputs(out, ref, TINY[name]["logit_scale"], what=f"{tag} train")
 
     torch_grads = engine.nnx_to_torch(flat(grads), altclip_table(cfg), on_disk=False)
     assert set(torch_grads) == set(ref_grads), f"gradient key sets differ: {sorted(set(torch_grads) ^ set(ref_grads))}"
@@ -256,9 +262,9 @@ def test_train_mode_loss_and_gradients(name):
             # softmax): both sides are rounding noise, measured against the largest gradient.
             for side, v in (("altjax", torch_grads[key]), ("torch", g)):
                 noise = float(np.max(np.abs(v))) / model_scale
-                assert noise <= 1e-4, f"{name} {side} gradient of {key} is {noise:.3e} of the largest, expected ~0"
+                assert noise <= 1e-4, f"{tag} {side} gradient of {key} is {noise:.3e} of the largest, expected ~0"
             continue
-        assert_rel_close(torch_grads[key], g, rtol=1e-4, what=f"{name} gradient of {key}")
+        assert_rel_close(torch_grads[key], g, rtol=1e-4, what=f"{tag} gradient of {key}")
     assert abs(float(ref_grads["logit_scale"])) > 0, "logit_scale gradient is zero: the check says nothing"
 
 

@@ -14,6 +14,7 @@ import transformers
 from flax import nnx
 
 from altjax.model_io import engine
+from altjax.model_io.pretrained import ALTJAX_ONLY
 from altjax.models.bert import Bert, BertConfig, bert_table
 from helpers import assert_close, assert_rel_close, assert_round_trip, from_torch_state, torch_state
 
@@ -234,8 +235,11 @@ def test_config_round_trip_and_defaults():
         assert BertConfig.from_hf(d).to_hf() == d, f"{type(hc).__name__} dict changed in the round trip"
     ref = transformers.AlignTextConfig().to_dict()
     ours = BertConfig()
+    # scan_layers is altjax's own (how the layers run), never written to an HF config.
+    own = {f for f, field in ours.__dataclass_fields__.items() if field.metadata.get(ALTJAX_ONLY)}
+    assert own == {"scan_layers"}, f"altjax-only fields {sorted(own)}"
     for f in ours.__dataclass_fields__:
-        if f != "extra":
+        if f != "extra" and f not in own:
             assert getattr(ours, f) == ref[f], f"default {f}: {getattr(ours, f)!r} != HF {ref[f]!r}"
     # Hashable despite the dict of extra keys: the config is a static attribute of the module.
     assert hash(nnx.graphdef(Bert(BertConfig(**CONFIGS["h32-heads4-l2-i37"], extra={"k": [1]}), rngs=nnx.Rngs(0))))

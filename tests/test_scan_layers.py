@@ -1,4 +1,7 @@
-"""``scan_layers``: CLIP's encoder layers stacked and run by one scan, in either checkpoint layout.
+"""``scan_layers``: the transformer towers' layers stacked and run by one scan, in either checkpoint
+layout. CLIP in depth here (outputs, every hidden state, gradients, dropout draws); HF ALIGN and
+AltCLIP directories through scanned models here, and their scanned train-mode outputs and
+gradients against transformers in ``test_align`` / ``test_altclip`` (their tolerances).
 
 Tolerances (float32): scanned against unrolled altjax (the same arithmetic, compiled as a loop
 body instead of inline, so rounding may differ), embeddings and loss 1e-6 absolute, hidden states
@@ -20,9 +23,12 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from altjax.model_io import engine
+from altjax.models.align import AlignModel
 from altjax.models.altclip import AltCLIPModel
 from altjax.models.clip import CLIPModel
 from helpers import assert_close, assert_rel_close, assert_round_trip, check_dual_encoder_outputs, tiny_hf_dir, torch_inputs
+import test_align
+import test_altclip
 from test_altclip import randomise_
 from test_clip import make_inputs
 
@@ -185,11 +191,41 @@ def test_dropout_draws_other_masks_in_every_layer(hf):
     assert redraw > 0, "two training-mode calls drew the same dropout masks"
 
 
-def test_altclip_vision_tower_scans(tmp_path):
-    tiny_hf_dir(tmp_path / "hf", "altclip")
-    model = AltCLIPModel.from_pretrained(tmp_path / "hf", scan_layers=True)
-    assert model.config.vision_config.scan_layers, "AltCLIP's vision tower was not scanned"
-    assert any(".encoder.layers.self_attn" in k for k in engine.model_shapes(model)), "no stacked vision layers"
+FAMILIES = {"align": (AlignModel, ("text_model.encoder.layer.attention.self.query.kernel",)),
+            "altclip": (AltCLIPModel, ("text_model.roberta.encoder.layers.attention.self.query.kernel",
+                                       "vision_model.encoder.layers.self_attn.q_proj.kernel"))}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_hf_directories_of_other_families_through_scanned_models(family, tmp_path):
+    """An HF ALIGN / AltCLIP directory loaded with ``scan_layers=True``: every transformer tower
+    stacked, embeddings as transformers' (1e-5) and as the unrolled model's (1e-6), exported back
+    to HF bit-exact, and its altjax directory read into either layout."""
+    cls, stacked_keys = FAMILIES[family]
+    tm = tiny_hf_dir(tmp_path / "hf", family)
+    model = cls.from_pretrained(tmp_path / "hf", scan_layers=True)
+    unrolled = cls.from_pretrained(tmp_path / "hf")
+    shapes = engine.model_shapes(model)
+    for key in stacked_keys:
+        assert key in shapes, f"{family}: no stacked {key}; got {sorted(k for k in shapes if 'encoder' in k)[:4]}"
+    layers = {key: shapes[key][0] for key in stacked_keys}
+    text, pixels = (test_align if family == "align" else test_altclip).make_inputs(
+        model.config, model.config.vision_config.image_size, seed=3)
+    with torch.no_grad():
+        ref = tm.eval()(**torch_inputs(text, pixels))
+    for name, m in (("scanned", model), ("unrolled", unrolled)):
+        out = m(**text, pixel_values=pixels)
+        for field in ("image_embeds", "text_embeds"):
+            assert_close(getattr(out, field), getattr(ref, field), atol=1e-5, what=f"{family} {name} {field} vs transformers")
+            if name == "scanned":
+                expected = getattr(unrolled(**text, pixel_values=pixels), field)
+                assert_close(getattr(out, field), expected, atol=1e-6, what=f"{family} scanned vs unrolled {field}")
     model.save_pretrained(tmp_path / "out", format="hf")
     assert_round_trip(load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors"))
     assert "scan_layers" not in (tmp_path / "out" / "config.json").read_text(), "scan_layers leaked into HF config.json"
+    model.save_pretrained(tmp_path / "altjax")
+    for target in (False, True):
+        back = cls.from_pretrained(tmp_path / "altjax", scan_layers=target)
+        assert (stacked_keys[0] in engine.model_shapes(back)) == target, f"{family}: scan_layers={target} not honoured"
+        assert_round_trip(torch_params(back), torch_params(unrolled))
+    assert min(layers.values()) >= 2, f"{family}: stacks of {layers} layers test nothing"

@@ -11,6 +11,7 @@ from flax import nnx
 import ml_collections
 
 from altjax import sharding, train
+from altjax.models import stack
 from altjax.models.align import AlignConfig, AlignModel
 from altjax.models.bert import BertConfig
 from altjax.models.efficientnet import EfficientNetConfig
@@ -31,11 +32,9 @@ def optimizer(**values):
     return opt
 
 
-def align_objective(remat=None, **loss):
-    """The ALIGN task's objective for the config entries ``loss.*`` (ALIGN's, unless given) and a
-    remat policy name (None: no remat)."""
+def align_objective(**loss):
+    """The ALIGN task's objective for the config entries ``loss.*`` (ALIGN's, unless given)."""
     config = ml_collections.ConfigDict(dict(
-        remat=remat is not None, remat_policy=remat or "nothing_saveable",
         loss=dict(kind="softmax", label_smoothing=0.1, learn_temperature=True, learn_bias=True, impl="gather") | loss))
     return align.objective(config)
 
@@ -61,16 +60,19 @@ def make_batch(n=B, seed=0):
             "attention_mask": mask, "token_type_ids": np.zeros((n, 10), np.int32)}
 
 
-def train_model(config, seed=0, dtype=jnp.float32):
+def train_model(config, seed=0, dtype=jnp.float32, remat=None):
+    """``config``'s ALIGN in training mode, every layer rematerialised under the policy ``remat``."""
     # One jitted initialisation instead of a small program per parameter.
     model = nnx.jit(lambda: AlignModel(config, dtype=dtype, rngs=nnx.Rngs(seed)))()
     model.train()
+    stack.set_remat(model, remat)
     return model
 
 
 def grads_of(config, batch, *, accum=1, remat=None, mesh=None, dtype=jnp.float32, objective=None):
-    graphdef, params, frozen, rest = split_model(train_model(config, dtype=dtype), optim.trainable_filter(""))
-    objective = objective or align_objective(remat)
+    graphdef, params, frozen, rest = split_model(train_model(config, dtype=dtype, remat=remat),
+                                                 optim.trainable_filter(""))
+    objective = objective or align_objective()
     fn = jax.jit(lambda p, r, b: loss_and_grads(graphdef, objective, p, frozen, r, b, mesh=mesh, accum_steps=accum))
     value, metrics, grads, new_rest = fn(params, rest, batch)
     return float(value), grads, new_rest

@@ -1,5 +1,5 @@
 """altjax.training.tasks: the registry, and a task defined here (a toy dual encoder on random vectors)
-trained by the generic loop with remat, freezing, gradient accumulation and the SigLIP bias."""
+trained by the generic loop with freezing, gradient accumulation and the SigLIP bias."""
 import os
 
 import jax.numpy as jnp
@@ -68,8 +68,7 @@ def objective(config):
     return objectives.contrastive(
         lambda m, b: m.image_proj(b["image"]), lambda m, b: m.text_proj(b["text"]),
         lambda m: jnp.exp(m.logit_scale[...]), kind=loss.kind, label_smoothing=float(loss.label_smoothing),
-        learn_temperature=bool(loss.learn_temperature), learn_bias=bool(loss.learn_bias), impl=loss.impl,
-        remat=objectives.remat_policy(config))
+        learn_temperature=bool(loss.learn_temperature), learn_bias=bool(loss.learn_bias), impl=loss.impl)
 
 
 TOY = Task("toy", check=check, build=build, pipeline=pipeline, objective=objective)

@@ -15,6 +15,7 @@ import transformers
 from flax import nnx
 
 from altjax.model_io import engine
+from altjax.model_io.pretrained import ALTJAX_ONLY
 from altjax.models.xlm_roberta import AltCLIPText, XLMRobertaConfig, create_position_ids, xlm_roberta_table
 from helpers import assert_close, assert_rel_close, assert_round_trip, from_torch_state, torch_state
 
@@ -266,10 +267,13 @@ def test_config_round_trip_and_defaults():
         assert XLMRobertaConfig.from_hf(d).to_hf() == d, f"{type(hc).__name__} dict changed in the round trip"
     ref = transformers.AltCLIPTextConfig().to_dict()
     ours = XLMRobertaConfig()
+    # scan_layers is altjax's own (how the layers run), never written to an HF config.
+    own = {f for f, field in ours.__dataclass_fields__.items() if field.metadata.get(ALTJAX_ONLY)}
+    assert own == {"scan_layers"}, f"altjax-only fields {sorted(own)}"
     for f in ours.__dataclass_fields__:
-        if f != "extra":
+        if f != "extra" and f not in own:
             assert getattr(ours, f) == ref[f], f"default {f}: {getattr(ours, f)!r} != HF {ref[f]!r}"
-    assert set(ours.__dataclass_fields__) - {"extra"} == set(transformers.AltCLIPTextConfig.__annotations__) - {
+    assert set(ours.__dataclass_fields__) - {"extra"} - own == set(transformers.AltCLIPTextConfig.__annotations__) - {
         "model_type", "base_config_key"
     }, "XLMRobertaConfig fields differ from AltCLIPTextConfig's"
     back = transformers.AltCLIPTextConfig.from_dict(XLMRobertaConfig(**CONFIGS["h32-heads4-l2-i37"]).to_hf())

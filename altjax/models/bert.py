@@ -2,7 +2,8 @@
 
 Post-LayerNorm transformer encoder: word + position + token-type embeddings, LayerNorm, dropout;
 then ``num_hidden_layers`` layers of self-attention and a feed-forward block, each followed by
-dropout and ``LayerNorm(x + residual)``. Module attribute names mirror the PyTorch module names
+dropout and ``LayerNorm(x + residual)``; with the config's ``scan_layers`` the layers are stacked and
+run by a scan (``altjax.models.stack``). Module attribute names mirror the PyTorch module names
 (``embeddings.LayerNorm``, ``encoder.layer[i].attention.self.query``, ...) so that the table of
 transformers' state dict at the end of this file reads as a plain rename.
 """
@@ -16,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from altjax.model_io.engine import Row, Table, embedding_rows, layer_norm_rows, linear_rows, repeated
-from altjax.models import inputs, layers
-from altjax.models.configuration import config_from_hf, config_to_hf
+from altjax.models import inputs, layers, stack
+from altjax.models.configuration import altjax_field, config_from_hf, config_to_hf
 from altjax.models.outputs import TowerOutput
 
 
@@ -40,6 +41,9 @@ class BertConfig:
     pad_token_id: Optional[int] = 0
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
+    # altjax's own (not written to HF configs): the encoder layers stacked and run by one scan
+    # (compiled once, whatever the depth) instead of a loop.
+    scan_layers: bool = altjax_field(False)
     # Left out of the hash so that the config (a static attribute of the module) stays hashable.
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
@@ -149,8 +153,21 @@ class BertLayer(nnx.Module):
 
 
 class BertEncoder(nnx.Module):
-    def __init__(self, config: BertConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.layer = nnx.List([BertLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)])
+    """``num_hidden_layers`` layers: ``layer[i]``, or with ``config.scan_layers`` one stacked
+    ``layer`` run by a scan; each rematerialised under ``remat_policy`` (see :mod:`altjax.models.stack`).
+    ``name`` is the attribute holding them: ``layer`` in BERT, ``layers`` in AltCLIP's XLM-R."""
+
+    def __init__(self, config: Any, *, name: str = "layer", dtype=jnp.float32, rngs: nnx.Rngs):
+        self.scan_layers = config.scan_layers
+        self.remat_policy: Optional[str] = None
+        self.name = name
+        setattr(self, name, stack.build(lambda r: BertLayer(config, dtype=dtype, rngs=r), config.num_hidden_layers,
+                                        scan=config.scan_layers, rngs=rngs))
+
+    def __call__(self, h: jax.Array, mask: Optional[jax.Array], output_hidden_states: bool = False):
+        """The last layer's output and, on request, every hidden state (input and layer outputs)."""
+        return stack.run(getattr(self, self.name), h, lambda layer, x: layer(x, mask), scan=self.scan_layers,
+                         remat_policy=self.remat_policy, output_hidden_states=output_hidden_states)
 
 
 class BertPooler(nnx.Module):
@@ -208,15 +225,8 @@ class Bert(nnx.Module):
         # reference's additive finfo.min mask.
         mask = None if attention_mask is None else (jnp.asarray(attention_mask) != 0)[:, None, None, :]
         h = self.embeddings(input_ids, jnp.asarray(token_type_ids), jnp.asarray(position_ids))
-        hidden_states = [h]
-        for layer in self.encoder.layer:
-            h = layer(h, mask)
-            hidden_states.append(h)
-        return TowerOutput(
-            last_hidden_state=h,
-            pooler_output=self.pooler(h),
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
-        )
+        h, hidden_states = self.encoder(h, mask, output_hidden_states)
+        return TowerOutput(last_hidden_state=h, pooler_output=self.pooler(h), hidden_states=hidden_states)
 
 
 # --- transformers' state dict (``AlignTextModel`` / ``BertModel``) --------------------------------
@@ -249,8 +259,9 @@ IGNORED_BUFFERS = (r"embeddings\.position_ids$", r"embeddings\.token_type_ids$")
 
 
 def bert_rows(config: BertConfig) -> list[Row]:
-    """Every tensor of the text tower, keys relative to it (``embeddings.word_embeddings.weight``, ...)."""
-    return EMBEDDINGS + repeated(LAYER, config.num_hidden_layers) + POOLER
+    """Every tensor of the text tower, keys relative to it (``embeddings.word_embeddings.weight``, ...);
+    with ``scan_layers`` layer i's tensors fill index i of the stacked ``encoder.layer.*``."""
+    return EMBEDDINGS + repeated(LAYER, config.num_hidden_layers, stacked=config.scan_layers) + POOLER
 
 
 def bert_table(config: BertConfig) -> Table:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from altjax.model_io.engine import Row, layer_norm_rows, linear_rows, repeated
-from altjax.models import layers
+from altjax.models import layers, stack
 
 
 def _linear(din: int, dout: int, std: float, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -94,22 +94,14 @@ class CLIPEncoderLayer(nnx.Module):
 
 class CLIPEncoder(nnx.Module):
     """``num_hidden_layers`` encoder layers: ``layers[i]``, or with ``config.scan_layers`` one
-    stacked ``layers`` (every variable, dropout keys included, with a leading layer axis)."""
+    stacked ``layers`` (every variable, dropout keys included, with a leading layer axis); see
+    :mod:`altjax.models.stack`, which also rematerialises them one by one under ``remat_policy``."""
 
     def __init__(self, config: Any, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.scan_layers = config.scan_layers
-        if config.scan_layers:
-            # Split streams: each layer draws its own initial weights and dropout masks.
-            @nnx.split_rngs(splits=config.num_hidden_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
-            def stacked(rngs: nnx.Rngs) -> CLIPEncoderLayer:
-                return CLIPEncoderLayer(config, dtype=dtype, rngs=rngs)
-
-            self.layers = stacked(rngs)
-        else:
-            self.layers = nnx.List(
-                [CLIPEncoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
-            )
+        self.remat_policy: Optional[str] = None
+        self.layers = stack.build(lambda r: CLIPEncoderLayer(config, dtype=dtype, rngs=r), config.num_hidden_layers,
+                                  scan=config.scan_layers, rngs=rngs)
 
     def __call__(
         self, x: jax.Array, mask: Optional[jax.Array] = None, is_causal: bool = False,
@@ -117,22 +109,8 @@ class CLIPEncoder(nnx.Module):
     ) -> tuple[jax.Array, Optional[tuple[jax.Array, ...]]]:
         """Returns the last layer's output and, with ``output_hidden_states``, every hidden state
         (the input and each layer's output; ``None`` otherwise)."""
-        if self.scan_layers:
-            # The scan keeps per-layer outputs only on request: stacked, they cost L activations.
-            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0) if output_hidden_states else nnx.Carry)
-            def step(layer: CLIPEncoderLayer, h: jax.Array):
-                h = layer(h, mask, is_causal)
-                return (h, h) if output_hidden_states else h
-
-            if not output_hidden_states:
-                return step(self.layers, x), None
-            last, outputs = step(self.layers, x)
-            return last, (x, *outputs)
-        hidden_states = [x]
-        for layer in self.layers:
-            x = layer(x, mask, is_causal)
-            hidden_states.append(x)
-        return x, tuple(hidden_states) if output_hidden_states else None
+        return stack.run(self.layers, x, lambda layer, h: layer(h, mask, is_causal), scan=self.scan_layers,
+                         remat_policy=self.remat_policy, output_hidden_states=output_hidden_states)
 
 
 # --- transformers' state dict ---------------------------------------------------------------------

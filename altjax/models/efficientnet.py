@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from altjax.model_io.engine import Row, Table, batch_norm_rows, conv_rows
-from altjax.models import inputs, layers
+from altjax.models import inputs, layers, stack
 from altjax.models.configuration import config_from_hf, config_to_hf
 from altjax.models.ops.batch_norm import TORCH_DEFAULT_BN_MOMENTUM, BatchNorm
 from altjax.models.ops.depthwise_conv import DepthwiseConv
@@ -373,8 +373,17 @@ class MBConvBlock(nnx.Module):
 
 
 class EfficientNetEncoder(nnx.Module):
+    """The MBConv blocks, each rematerialised on its own under ``remat_policy``
+    (:mod:`altjax.models.stack`). They stay unrolled: blocks differ in their drop-connect rates,
+    which are static, so even a stage's repeats are not identical layers to stack."""
+
     def __init__(self, config: EfficientNetConfig, specs: Sequence[BlockSpec], *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.remat_policy: Optional[str] = None
         self.blocks = nnx.List([MBConvBlock(config, spec, dtype=dtype, rngs=rngs) for spec in specs])
+
+    def __call__(self, x: jax.Array, output_hidden_states: bool = False):
+        return stack.run(self.blocks, x, lambda block, h: block(h), scan=False, remat_policy=self.remat_policy,
+                         output_hidden_states=output_hidden_states)
 
 
 class EfficientNet(nnx.Module):
@@ -408,11 +417,7 @@ class EfficientNet(nnx.Module):
 
     def forward(self, pixel_values: jax.Array, output_hidden_states: bool = False) -> TowerOutput:
         """``__call__`` without the argument checks, for models that checked them at their own boundary."""
-        x = self.embeddings(jnp.asarray(pixel_values, self.dtype))
-        hidden_states = [x]
-        for block in self.encoder.blocks:
-            x = block(x)
-            hidden_states.append(x)
+        x, hidden_states = self.encoder(self.embeddings(jnp.asarray(pixel_values, self.dtype)), output_hidden_states)
         features = x.astype(jnp.float32)
         if self.config.pooling_type == "max":
             pooled = jnp.max(features, axis=(1, 2))
@@ -421,7 +426,7 @@ class EfficientNet(nnx.Module):
         return TowerOutput(
             last_hidden_state=x,
             pooler_output=pooled,
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            hidden_states=hidden_states,
         )
 
 

@@ -22,8 +22,8 @@ from flax import nnx
 
 from altjax.model_io.engine import Row, Table, layer_norm_rows, linear_rows, prefixed, repeated
 from altjax.models import bert, inputs, layers
-from altjax.models.bert import BertEmbeddings, BertLayer
-from altjax.models.configuration import config_from_hf, config_to_hf
+from altjax.models.bert import BertEmbeddings
+from altjax.models.configuration import altjax_field, config_from_hf, config_to_hf
 from altjax.models.outputs import TowerOutput
 
 MODEL_TYPE = "altclip_text_model"
@@ -54,6 +54,8 @@ class XLMRobertaConfig:
     bos_token_id: Optional[int] = 0
     eos_token_id: Optional[int] = 2
     project_dim: int = 768
+    # altjax's own (not written to HF configs): the encoder layers stacked and run by one scan.
+    scan_layers: bool = altjax_field(False)
     # Left out of the hash so that the config (a static attribute of the module) stays hashable.
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
@@ -113,12 +115,6 @@ class XLMRobertaEmbeddings(BertEmbeddings):
         return self.dropout(self.LayerNorm(x + positions))
 
 
-class XLMRobertaEncoder(nnx.Module):
-    # AltCLIP names the list ``layers`` in memory (``layer`` on disk); the table accepts both.
-    def __init__(self, config: XLMRobertaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.layers = nnx.List([BertLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)])
-
-
 class XLMRoberta(nnx.Module):
     """The bare XLM-R encoder (no pooler). Built in eval mode; ``model.train()`` turns dropout on.
 
@@ -128,7 +124,8 @@ class XLMRoberta(nnx.Module):
     def __init__(self, config: XLMRobertaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
         self.embeddings = XLMRobertaEmbeddings(config, dtype=dtype, rngs=rngs)
-        self.encoder = XLMRobertaEncoder(config, dtype=dtype, rngs=rngs)
+        # AltCLIP names the layer list ``layers`` in memory (``layer`` on disk; the table reads both).
+        self.encoder = bert.BertEncoder(config, name="layers", dtype=dtype, rngs=rngs)
 
     def __call__(
         self,
@@ -164,15 +161,8 @@ class XLMRoberta(nnx.Module):
         # A boolean key mask broadcast over heads and queries: the same softmax as sdpa's bool mask.
         mask = None if attention_mask is None else (jnp.asarray(attention_mask) != 0)[:, None, None, :]
         h = self.embeddings(input_ids, jnp.asarray(token_type_ids), position_ids)
-        hidden_states = [h]
-        for layer in self.encoder.layers:
-            h = layer(h, mask)
-            hidden_states.append(h)
-        return TowerOutput(
-            last_hidden_state=h,
-            pooler_output=None,
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
-        )
+        h, hidden_states = self.encoder(h, mask, output_hidden_states)
+        return TowerOutput(last_hidden_state=h, pooler_output=None, hidden_states=hidden_states)
 
 
 class AltCLIPText(nnx.Module):
@@ -224,13 +214,8 @@ class AltCLIPText(nnx.Module):
 def _in_layers(row: Row) -> Row:
     # AltCLIP's roberta keeps its layer list as ``encoder.layers`` in memory (BERT: ``encoder.layer``).
     old, new = "encoder.layer.", "encoder.layers."
-    return Row(row.torch.replace(old, new), row.nnx.replace(old, new), row.layout)
+    return dataclasses.replace(row, torch=row.torch.replace(old, new), nnx=row.nnx.replace(old, new))
 
-
-EMBEDDINGS = prefixed(bert.EMBEDDINGS, "roberta.", "roberta.")
-
-# One encoder layer; "{i}" is the layer index.
-LAYER = [_in_layers(r) for r in prefixed(bert.LAYER, "roberta.", "roberta.")]
 
 HEAD = [*layer_norm_rows("pre_LN"), *linear_rows("transformation")]
 
@@ -241,9 +226,17 @@ ALIASES = ((r"encoder\.layer\.(\d+)\.", r"encoder.layers.\1."),)
 IGNORED_BUFFERS = bert.IGNORED_BUFFERS
 
 
+def roberta_rows(config: XLMRobertaConfig) -> list[Row]:
+    """Every tensor of the bare encoder (``XLMRoberta``), keys relative to it
+    (``embeddings.LayerNorm.weight``, ``encoder.layers.{i}.*``); with ``scan_layers`` layer i's
+    tensors fill index i of the stacked ``encoder.layers.*``."""
+    layer = [_in_layers(r) for r in bert.LAYER]
+    return bert.EMBEDDINGS + repeated(layer, config.num_hidden_layers, stacked=config.scan_layers)
+
+
 def xlm_roberta_rows(config: XLMRobertaConfig) -> list[Row]:
     """Every tensor of ``AltCLIPTextModel``, keys relative to it (``roberta.embeddings.LayerNorm.weight``, ...)."""
-    return EMBEDDINGS + repeated(LAYER, config.num_hidden_layers) + HEAD
+    return prefixed(roberta_rows(config), "roberta.", "roberta.") + HEAD
 
 
 def xlm_roberta_table(config: XLMRobertaConfig) -> Table:

@@ -71,6 +71,7 @@ from altjax.evaluation.datasets import DatasetError
 from altjax.evaluation.results import write_results
 from altjax.model_io import directories
 from altjax.model_io.directories import CheckpointError
+from altjax.models import stack
 from altjax.progress import Progress
 from altjax.stop_signals import EXIT_STATUS, StopSignals
 from altjax.tensorboard import EventWriter
@@ -297,6 +298,7 @@ def build_run(config, directory: str, mesh) -> tuple[RunParts, dict]:
     task = tasks.TASKS[config.task]
     model, processor = task.build(config, directory, mesh)
     model.train()
+    stack.set_remat(model, config.remat_policy if config.remat else None)
     objective = task.objective(config)
     if objective.logit_bias is not None:
         attach_logit_bias(model, objective.logit_bias)

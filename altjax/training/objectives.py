@@ -4,9 +4,8 @@
                  sigmoid loss) on any dual encoder, given how to read its two towers and its scale.
 ``regression``   a student's embedding regressed onto a frozen teacher's (AltCLIP phase 1).
 
-Either rematerialises each tower separately in the backward pass when given a
-``jax.checkpoint_policies`` name (:func:`remat_policy` reads it from a training config), so every
-task gets remat the same way.
+Rematerialisation is not theirs: the trainer sets it on every layer of the model
+(``altjax.models.stack.set_remat``), so every task gets it the same way.
 """
 from __future__ import annotations
 
@@ -42,21 +41,6 @@ class Objective:
     logit_bias: Optional[float] = None
 
 
-def remat_policy(config) -> Optional[str]:
-    """The rematerialisation policy of a training config: ``config.remat_policy`` when
-    ``config.remat`` is on, else None (activations are stored)."""
-    return config.remat_policy if config.remat else None
-
-
-def tower(fn: Callable, policy: Optional[str]) -> Callable:
-    """``fn(model, *inputs)`` (one tower's forward pass), rematerialised under the
-    ``jax.checkpoint_policies`` policy named ``policy`` ("nothing_saveable": recompute everything);
-    None leaves it as it is."""
-    if policy is None:
-        return fn
-    return nnx.remat(fn, policy=getattr(jax.checkpoint_policies, policy))
-
-
 def normalised(image, text) -> dict[str, jax.Array]:
     """The features a contrastive objective works on: both towers' embeddings, L2-normalised in fp32."""
     return {"image_embeds": layers.l2_normalize(image.astype(jnp.float32)),
@@ -64,22 +48,17 @@ def normalised(image, text) -> dict[str, jax.Array]:
 
 
 def contrastive(image_features: Callable, text_features: Callable, logit_scale: Callable, *, kind: str,
-                label_smoothing: float, learn_temperature: bool, learn_bias: bool, impl: str,
-                remat: Optional[str]) -> Objective:
+                label_smoothing: float, learn_temperature: bool, learn_bias: bool, impl: str) -> Objective:
     """The symmetric contrastive loss of a dual encoder: ``image_features(model, batch)`` and
-    ``text_features(model, batch)`` (each rematerialised under ``remat``, see :func:`tower`),
-    L2-normalised, with logits scaled by ``logit_scale(model)`` (ALIGN: ``1 / temperature``, CLIP:
+    ``text_features(model, batch)``, L2-normalised, with logits scaled by ``logit_scale(model)`` (ALIGN: ``1 / temperature``, CLIP:
     ``exp(logit_scale)``): :func:`altjax.losses.contrastive_loss`, sharded over the mesh with
     ``impl`` ("gather" or "ring"). ``kind="sigmoid"`` is SigLIP's loss, with the bias
     :func:`logit_bias` (learned from SigLIP's initial value when ``learn_bias``, else held there);
     label smoothing applies to the softmax loss only. ``learn_temperature=False`` holds the scale
     (no gradient reaches its parameter). Metrics: ``temperature`` (1 / scale) and, for the sigmoid
     loss, ``logit_bias``."""
-    image_tower = tower(image_features, remat)
-    text_tower = tower(text_features, remat)
-
     def features(model, batch):
-        return normalised(image_tower(model, batch), text_tower(model, batch))
+        return normalised(image_features(model, batch), text_features(model, batch))
 
     def loss(model, feats, mesh):
         scale = logit_scale(model)
@@ -95,16 +74,14 @@ def contrastive(image_features: Callable, text_features: Callable, logit_scale: 
     return Objective(features, loss, chance=functools.partial(losses.chance_loss, kind), logit_bias=learned)
 
 
-def regression(student_features: Callable, teacher_features: Callable, *, remat: Optional[str]) -> Objective:
+def regression(student_features: Callable, teacher_features: Callable) -> Objective:
     """``mean((student - teacher)^2)`` over the batch and the embedding width (PyTorch's
-    ``MSELoss``) of ``student_features(model, batch)`` (rematerialised under ``remat``) against the
+    ``MSELoss``) of ``student_features(model, batch)`` against the
     fixed ``teacher_features(model, batch)`` (no gradient reaches the teacher). Metrics:
     ``cosine``, the mean cosine similarity of the pairs, and ``same_language_fraction`` of the
     batch (its ``same_language`` column: the pairs whose two texts are one sentence)."""
-    student_tower = tower(student_features, remat)
-
     def features(model, batch):
-        return {"student": student_tower(model, batch).astype(jnp.float32),
+        return {"student": student_features(model, batch).astype(jnp.float32),
                 "teacher": jax.lax.stop_gradient(teacher_features(model, batch).astype(jnp.float32)),
                 "same_language": batch["same_language"].astype(jnp.float32)}
 

@@ -105,8 +105,7 @@ def objective(config) -> objectives.Objective:
         lambda m, b: m.get_image_features(b["pixel_values"]),
         lambda m, b: m.get_text_features(b["input_ids"], b.get("attention_mask"), b.get("token_type_ids")),
         lambda m: 1.0 / m.temperature[...], kind=loss.kind, label_smoothing=float(loss.label_smoothing),
-        learn_temperature=bool(loss.learn_temperature), learn_bias=bool(loss.learn_bias), impl=loss.impl,
-        remat=objectives.remat_policy(config))
+        learn_temperature=bool(loss.learn_temperature), learn_bias=bool(loss.learn_bias), impl=loss.impl)
 
 
 TASK = Task("align", check=check, build=build, pipeline=pipeline, objective=objective)

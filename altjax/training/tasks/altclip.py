@@ -40,7 +40,7 @@ from flax import nnx
 from transformers import AutoTokenizer
 
 from altjax import sharding
-from altjax.model_io.engine import Row, Table, load_params, model_shapes, torch_to_nnx
+from altjax.model_io.engine import Table, load_params, model_shapes, torch_to_nnx
 from altjax.model_io.hf_weights import open_weights
 from altjax.data import parallel
 from altjax.data.preprocess import TextField
@@ -144,9 +144,7 @@ def load_xlm_roberta(student: altclip.AltCLIPModel, path: str) -> None:
     ``roberta.``; pooler and LM head ignored) into the student's ``text_model.roberta``; the
     ``pre_LN`` and ``transformation`` that AltCLIP adds keep their initialisation."""
     roberta = student.text_model.roberta
-    rows = list(bert.EMBEDDINGS)
-    for i in range(student.config.text_config.num_hidden_layers):
-        rows += [xlm_roberta._in_layers(Row(r.torch.format(i=i), r.nnx.format(i=i), r.layout)) for r in bert.LAYER]
+    rows = xlm_roberta.roberta_rows(student.config.text_config)
     weights = open_weights(path)
     tensors = {k[len("roberta."):] if k.startswith("roberta.") else k: weights[k] for k in weights.keys()}
     table = Table(rows=tuple(rows), aliases=xlm_roberta.ALIASES,
@@ -217,7 +215,7 @@ def distill_pipeline(config, processor, directory: str, rows) -> parallel.Parall
         student=TextField(processor.tokenizer, max_length=int(config.data.max_length)), seed=int(config.seed))
 
 
-def distill_objective(*, target: str, remat=None) -> objectives.Objective:
+def distill_objective(*, target: str) -> objectives.Objective:
     """Phase 1: the MSE of the student's transformed [CLS] (``pooler_output``) against the
     teacher's EOS embedding, before (``"pooled"``) or after (``"projected"``) its
     ``text_projection`` (:func:`altjax.training.objectives.regression`)."""
@@ -234,12 +232,11 @@ def distill_objective(*, target: str, remat=None) -> objectives.Objective:
         out = model.student.text_model(batch["student_input_ids"], attention_mask=batch["student_attention_mask"])
         return out.pooler_output
 
-    return objectives.regression(student_features, teacher, remat=remat)
+    return objectives.regression(student_features, teacher)
 
 
 DISTILL = Task("altclip_distill", check=check_distill, build=build_distill, pipeline=distill_pipeline,
-               objective=lambda config: distill_objective(target=config.distill.target,
-                                                          remat=objectives.remat_policy(config)),
+               objective=lambda config: distill_objective(target=config.distill.target),
                export=student)
 CONTRASTIVE = Task("altclip_contrastive", check=check_contrastive, build=build_contrastive,
                    pipeline=clip_task.pipeline, objective=clip_task.objective)

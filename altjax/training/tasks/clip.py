@@ -127,8 +127,7 @@ def objective(config) -> objectives.Objective:
         lambda m, b: m.get_image_features(b["pixel_values"]),
         lambda m, b: m.get_text_features(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")),
         lambda m: jnp.exp(m.logit_scale[...]), kind=loss.kind, label_smoothing=float(loss.label_smoothing),
-        learn_temperature=bool(loss.learn_temperature), learn_bias=bool(loss.learn_bias), impl=loss.impl,
-        remat=objectives.remat_policy(config))
+        learn_temperature=bool(loss.learn_temperature), learn_bias=bool(loss.learn_bias), impl=loss.impl)
 
 
 TASK = Task("clip", check=check, build=build, pipeline=pipeline, objective=objective)
