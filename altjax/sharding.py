@@ -7,18 +7,26 @@ table of rules, each a regular expression on the parameter path (``"text_project
 first rule whose pattern matches (``re.search``) wins. The spec ``FSDP`` means: shard the largest
 dimension divisible by the batch-axis device count over the batch axes if the parameter has at
 least ``fsdp_min_size`` elements, else replicate (fully sharded data parallelism, which costs
-nothing in a mesh whose data axis has one device).
+nothing in a mesh whose data axis has one device); a stacked parameter's layer axis is never the
+one (see below).
 
 Tensor parallelism is a rule away, e.g. ``(r"attention/self/(query|key|value)/kernel$",
 P(None, "model"))`` placed before the default rule.
+
+A tower built with ``scan_layers`` holds its layers stacked: each of their parameters has a leading
+layer axis (:func:`layer_axis`). That axis is never split: ``FSDP`` picks among the other
+dimensions, and an explicit rule that puts a mesh axis on it is refused, because ``nnx.scan`` would
+gather the whole stack on every device before its first step.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from typing import Callable, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -29,7 +37,8 @@ MODEL_AXIS = "model"
 AXIS_NAMES = (DATA_AXIS, MODEL_AXIS)
 
 FSDP = "fsdp"
-"""Rule target: shard the largest divisible dimension over the batch axes (see module docstring)."""
+"""Rule target: shard the largest divisible dimension (never a layer axis) over the batch axes (see
+module docstring)."""
 
 FSDP_MIN_SIZE = 2**18
 """Parameters with fewer elements (1 MiB in fp32) stay replicated under ``FSDP``."""
@@ -102,12 +111,37 @@ def path_to_str(path) -> str:
     return "/".join(parts)
 
 
-def _fsdp_spec(shape, mesh: Mesh, fsdp_min_size: int) -> P:
+LAYER_STACK = r"(?:^|/)layers?/(?!\d+(?:/|$))[^/]"
+"""Regex (``re.search``) for the paths of stacked layer parameters: see :func:`layer_axis`."""
+
+
+def layer_axis(path) -> Optional[int]:
+    """The layer axis of the parameter at ``path`` (a string or a pytree key path): 0 if it belongs
+    to stacked layers, None otherwise.
+
+    A tower built with ``scan_layers`` keeps its encoder layers in one module, under the attribute
+    name the unrolled list has (``layers`` or ``layer``), whose variables carry a leading layer axis:
+    ``text_model/encoder/layer/attention/self/query/kernel`` is the stacked form of
+    ``text_model/encoder/layer/0/attention/self/query/kernel``. So a parameter is stacked when a
+    path component ``layers`` or ``layer`` is followed by one that is not a layer index
+    (:data:`LAYER_STACK`). The test is a search, not a match from the start, so that optimizer-state
+    paths (``opt_state/1/0/mu/<parameter path>``) answer as their parameters do.
+
+    Code that treats a parameter as a whole must treat a stacked one layer by layer: ``nnx.scan``
+    needs the layer axis whole on every device (so sharding never splits it), and per-parameter
+    optimizer statistics (LAMB's trust ratio, weight decay's "is it a matrix") are per layer in the
+    unrolled model.
+    """
+    name = path if isinstance(path, str) else path_to_str(path)
+    return 0 if re.search(LAYER_STACK, name) else None
+
+
+def _fsdp_spec(shape, mesh: Mesh, fsdp_min_size: int, layer_dim: Optional[int]) -> P:
     axes = batch_axes(mesh)
     num = batch_size_divisor(mesh)
     if num == 1 or math.prod(shape) < fsdp_min_size:
         return P()
-    candidates = [d for d in range(len(shape)) if shape[d] % num == 0]
+    candidates = [d for d in range(len(shape)) if shape[d] % num == 0 and d != layer_dim]
     if not candidates:
         return P()
     # Largest dimension first; among equals the last one, which keeps matmul inputs contiguous.
@@ -117,9 +151,12 @@ def _fsdp_spec(shape, mesh: Mesh, fsdp_min_size: int) -> P:
     return P(*spec)
 
 
-def _check_spec(path: str, shape, spec: P, mesh: Mesh) -> None:
+def _check_spec(path: str, shape, spec: P, mesh: Mesh, layer_dim: Optional[int]) -> None:
     if len(spec) > len(shape):
         raise ValueError(f"partition rule for {path!r}: spec {spec} has more entries than its shape {shape}")
+    if layer_dim is not None and layer_dim < len(spec) and spec[layer_dim] is not None:
+        raise ValueError(f"partition rule for {path!r}: spec {spec} splits dimension {layer_dim}, the "
+                         f"layer axis of stacked layers, which a scan would gather whole on every device")
     for size, entry in zip(shape, spec):
         names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
         count = math.prod(mesh.shape[name] for name in names)
@@ -132,17 +169,19 @@ def partition_spec(path, shape, mesh: Mesh, rules: Sequence[Rule] = PARTITION_RU
                    fsdp_min_size: int = FSDP_MIN_SIZE) -> P:
     """The PartitionSpec of the parameter at ``path`` (a string or a pytree key path).
 
-    The first rule whose regex matches the path decides; a path that no rule matches is an error.
+    The first rule whose regex matches the path decides; a path that no rule matches is an error,
+    and so is a rule that splits the layer axis of a stacked parameter (:func:`layer_axis`).
     """
     name = path if isinstance(path, str) else path_to_str(path)
     shape = tuple(shape)
+    layer_dim = layer_axis(name)
     for pattern, spec in rules:
         if re.search(pattern, name):
             if isinstance(spec, str):
                 if spec != FSDP:
                     raise ValueError(f"rule {pattern!r}: unknown spec {spec!r} (a PartitionSpec or FSDP)")
-                return _fsdp_spec(shape, mesh, fsdp_min_size)
-            _check_spec(name, shape, spec, mesh)
+                return _fsdp_spec(shape, mesh, fsdp_min_size, layer_dim)
+            _check_spec(name, shape, spec, mesh, layer_dim)
             return spec
     raise ValueError(f"no partition rule matches parameter {name!r}")
 
@@ -157,30 +196,77 @@ def state_shardings(state, mesh: Mesh, rules: Sequence[Rule] = PARTITION_RULES, 
     return jax.tree_util.tree_map_with_path(one, state)
 
 
-def abstract_state(make_model: Callable[[], nnx.Module], mesh: Mesh,
-                   rules: Sequence[Rule] = PARTITION_RULES, *, fsdp_min_size: int = FSDP_MIN_SIZE):
-    """``(graphdef, state)`` of ``make_model()`` without computing it: the state's leaves are
-    ``jax.ShapeDtypeStruct``s carrying their NamedShardings (an orbax restore target, say)."""
-    graphdef, state = nnx.split(nnx.eval_shape(make_model))
+@contextlib.contextmanager
+def host_counters(rngs: nnx.Rngs) -> Iterator[nnx.Rngs]:
+    """``rngs`` with its streams' draw counters on the host (NumPy) while the context is active,
+    for building a model under a trace (``nnx.eval_shape``, ``jax.jit``); they are JAX arrays again
+    on exit. The keys drawn are the same as with JAX counters.
+
+    Traced, each counter update costs time linear in everything traced before it (flax compares
+    the new counter's sharding with the old one's, and JAX's error for a tracer's missing sharding
+    walks the trace), so building a model took time quadratic in its depth.
+    """
+    counts = [count for _, count in nnx.to_flat_state(nnx.state(rngs, nnx.RngCount))]
+    for count in counts:
+        count.set_value(np.zeros(np.shape(count.get_value()), np.uint32))
+        # A trace keeps a NumPy constant by reference and flax increments the counter in place, so
+        # each draw must read a copy: else every key drawn under jit would see the final count.
+        # (nnx.split_rngs swaps in a traced counter, which is left alone.)
+        count.set_metadata(on_get_value=lambda _, v: v.copy() if isinstance(v, np.ndarray) else v)
+    try:
+        yield rngs
+    finally:
+        for count in counts:
+            count.del_metadata("on_get_value")
+            count.set_value(jnp.asarray(count.get_value()))
+
+
+def _builder(make_model: Callable[..., nnx.Module], seed: Optional[int]) -> Callable[[], nnx.Module]:
+    if seed is None:
+        return make_model
+
+    def build():
+        with host_counters(nnx.Rngs(seed)) as rngs:
+            return make_model(rngs)
+
+    return build
+
+
+def abstract_state(make_model: Callable[..., nnx.Module], mesh: Mesh,
+                   rules: Sequence[Rule] = PARTITION_RULES, *, fsdp_min_size: int = FSDP_MIN_SIZE,
+                   seed: Optional[int] = None):
+    """``(graphdef, state)`` of the model without computing it: the state's leaves are
+    ``jax.ShapeDtypeStruct``s carrying their NamedShardings (an orbax restore target, say).
+
+    ``make_model`` as for :func:`sharded_init`: ``make_model()``, or ``make_model(rngs)`` when
+    ``seed`` is given.
+    """
+    graphdef, state = nnx.split(nnx.eval_shape(_builder(make_model, seed)))
     shardings = state_shardings(state, mesh, rules, fsdp_min_size=fsdp_min_size)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     return graphdef, state
 
 
-def sharded_init(make_model: Callable[[], nnx.Module], mesh: Mesh,
-                 rules: Sequence[Rule] = PARTITION_RULES, *, fsdp_min_size: int = FSDP_MIN_SIZE):
-    """Builds ``make_model()`` with every parameter created directly in its sharded layout.
+def sharded_init(make_model: Callable[..., nnx.Module], mesh: Mesh,
+                 rules: Sequence[Rule] = PARTITION_RULES, *, fsdp_min_size: int = FSDP_MIN_SIZE,
+                 seed: Optional[int] = None):
+    """Builds the model with every parameter created directly in its sharded layout.
 
-    ``make_model`` takes no arguments and must create its own ``nnx.Rngs`` (e.g.
-    ``lambda: AlignModel(config, rngs=nnx.Rngs(0))``). The model is traced abstractly, the
-    shardings are derived from its shapes, and the initialisers run under ``jax.jit`` with those
-    ``out_shardings``, so each device only computes and holds its shards. With JAX's default
-    partitionable threefry the values equal those of an unsharded ``make_model()``.
+    With ``seed``, the model is ``make_model(rngs)`` for an ``nnx.Rngs(seed)`` that this function
+    creates (e.g. ``lambda rngs: AlignModel(config, rngs=rngs)``); its draw counters stay on the
+    host while the model is traced (:func:`host_counters`), so a deep model is built in time linear
+    in its depth. Without, ``make_model`` takes no arguments and creates its own
+    ``nnx.Rngs`` (``lambda: AlignModel(config, rngs=nnx.Rngs(0))``), whose traced counters make the
+    build time quadratic in depth. The model is traced abstractly, the shardings are derived from
+    its shapes, and the initialisers run under ``jax.jit`` with those ``out_shardings``, so each
+    device only computes and holds its shards. With JAX's default partitionable threefry the
+    values equal those of an unsharded ``make_model(nnx.Rngs(seed))`` (``make_model()``).
     """
-    graphdef, abstract = abstract_state(make_model, mesh, rules, fsdp_min_size=fsdp_min_size)
+    graphdef, abstract = abstract_state(make_model, mesh, rules, fsdp_min_size=fsdp_min_size, seed=seed)
+    build = _builder(make_model, seed)
 
     def init():
-        return nnx.split(make_model())[1]
+        return nnx.split(build())[1]
 
     state = jax.jit(init, out_shardings=jax.tree.map(lambda x: x.sharding, abstract))()
     return nnx.merge(graphdef, state)

@@ -1,14 +1,15 @@
 """Shared machinery of benchmarks/train_step.py and benchmarks/embed.py.
 
-Every variant (a framework, a precision, remat or torch.compile) runs in its own worker process,
-so that its peak memory (RSS on CPU, the allocator's peak on GPU) is its own. The parent drives
-the workers over pipes: when they fit in memory together they are all alive and timed in turn,
-one call each per round (alternating, so a slow period of a shared machine hits every variant
-alike); otherwise they run one after the other. Only one worker computes at a time, and each
-uses all the cores.
+Every variant (a framework, a precision, scanned layers, remat or torch.compile) runs in its own
+worker process, so that its peak memory (RSS on CPU, the allocator's peak on GPU) is its own. The
+parent drives the workers over pipes: when they fit in memory together they are all alive and
+timed in turn, one call each per round (alternating, so a slow period of a shared machine hits
+every variant alike); otherwise they run one after the other. Only one worker computes at a time,
+and each uses all the cores.
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import resource
@@ -53,6 +54,14 @@ def configs(name: str):
 
     preset = {"altclip-l14": "altclip", "altclip-b32": "altclip-b32", "altclip-tiny": "altclip-tiny"}[name]
     return "altclip", AltCLIPConfig.from_preset(preset), DEFAULT_SEQ[name]
+
+
+def scanned(cfg):
+    """``cfg`` with ``scan_layers`` on in every tower config that has the field (BERT, XLM-R, the
+    CLIP ViT; EfficientNet has none and stays unrolled)."""
+    towers = {f.name: dataclasses.replace(getattr(cfg, f.name), scan_layers=True) for f in dataclasses.fields(cfg)
+              if hasattr(getattr(cfg, f.name), "scan_layers")}
+    return dataclasses.replace(cfg, **towers)
 
 
 def image_size(cfg) -> int:
@@ -219,11 +228,13 @@ def _build_jax(spec: dict):
     from flax import nnx
 
     from altjax import losses
-    from altjax.models import layers
+    from altjax.models import layers, stack
     from altjax.training.objectives import Objective
     from altjax.training.step import init_state, make_train_step
 
     family, cfg, _ = configs(spec["model"])
+    if spec.get("scan_layers"):
+        cfg = scanned(cfg)
     dtype = jnp.bfloat16 if spec["precision"] == "bf16" else jnp.float32
     model = _jax_model_class(family)(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     if spec.get("depthwise"):
@@ -251,15 +262,10 @@ def _build_jax(spec: dict):
                 "text": lambda: text_c(state, batch["input_ids"], batch["attention_mask"],
                                        batch["token_type_ids"]).block_until_ready()}, info
 
-    policy = spec.get("remat")
-    remat = (lambda f: nnx.remat(f, policy=getattr(jax.checkpoint_policies, policy))) if policy else (lambda f: f)
-    image_features = remat(lambda m, x: m.get_image_features(x))
-    text_features = remat(lambda m, ids, mask, types: m.get_text_features(ids, mask, types))
-
     def features(m, b):
-        return {"image_embeds": layers.l2_normalize(image_features(m, b["pixel_values"]).astype(jnp.float32)),
-                "text_embeds": layers.l2_normalize(text_features(m, b["input_ids"], b["attention_mask"],
-                                                                 b["token_type_ids"]).astype(jnp.float32))}
+        return {"image_embeds": layers.l2_normalize(m.get_image_features(b["pixel_values"]).astype(jnp.float32)),
+                "text_embeds": layers.l2_normalize(m.get_text_features(b["input_ids"], b["attention_mask"],
+                                                                       b["token_type_ids"]).astype(jnp.float32))}
 
     def loss(m, feats, mesh):
         # The reference's losses: ALIGN's label-smoothed (0.1) softmax over logits / temperature,
@@ -273,6 +279,9 @@ def _build_jax(spec: dict):
         return value, {}
 
     model.train()
+    # As a training run sets it (altjax.training.loop.build_run): every transformer layer and MBConv
+    # block rematerialised on its own.
+    stack.set_remat(model, spec.get("remat"))
     # torch.optim.AdamW's defaults (betas, eps) and weight decay on every parameter, as the PyTorch side.
     tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
     graphdef, state = init_state(model, nnx.Param, tx)
@@ -330,6 +339,8 @@ def _build_torch(spec: dict):
 
         if spec.get("count_flops"):
             info["flops"] = {**_torch_flops(image, "image"), **_torch_flops(text, "text")}
+        if spec.get("compile"):
+            info["compile_s"] = _first_call_seconds(image) + _first_call_seconds(text)
         return {"image": image, "text": text}, info
 
     model.train()
@@ -351,7 +362,17 @@ def _build_torch(spec: dict):
             model.zero_grad(set_to_none=True)
 
         info["flops"] = _torch_flops(forward_backward, "step")
+    if spec.get("compile"):
+        info["compile_s"] = _first_call_seconds(step)
     return {"step": step}, info
+
+
+def _first_call_seconds(fn) -> float:
+    """Seconds of ``fn``'s first call: torch.compile compiles then, so this is its compile time
+    (plus one call, a small part of it)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _torch_flops(fn, key: str) -> dict[str, float]:
@@ -368,17 +389,22 @@ def _torch_flops(fn, key: str) -> dict[str, float]:
 
 
 def parse_variant(name: str) -> dict:
-    """``jax-fp32``, ``jax-bf16-remat``, ``jax-fp32-grouped`` (EfficientNet's native grouped
-    depthwise convolution instead of the CPU default), ``torch-fp32`` (eager), ``torch-bf16``
-    (eager under autocast), ``torch-compile-fp32``, ... -> the worker spec's variant fields."""
+    """``jax-fp32``, ``jax-bf16-scan`` (``scan_layers`` on in every tower that has it),
+    ``jax-bf16-remat`` (every layer rematerialised, policy nothing_saveable), ``jax-fp32-grouped``
+    (EfficientNet's native grouped depthwise convolution instead of the CPU default), ``torch-fp32``
+    (eager), ``torch-bf16`` (eager under autocast), ``torch-compile-fp32``, ... -> the worker spec's
+    variant fields."""
     parts = name.split("-")
     framework, rest = parts[0], set(parts[1:])
     precision = "bf16" if "bf16" in rest else "fp32"
-    known = {"fp32", "bf16"} | ({"remat", "grouped", "shifted"} if framework == "jax" else {"compile"})
-    if framework not in ("jax", "torch") or not rest <= known or not rest & {"fp32", "bf16"}:
-        raise ValueError(f"unknown variant {name!r}: jax-{{fp32,bf16}}[-remat][-grouped|-shifted] or "
+    known = {"fp32", "bf16"} | ({"scan", "remat", "grouped", "shifted"} if framework == "jax" else {"compile"})
+    if (framework not in ("jax", "torch") or len(rest) != len(parts) - 1 or not rest <= known
+            or len(rest & {"fp32", "bf16"}) != 1 or {"grouped", "shifted"} <= rest):
+        raise ValueError(f"unknown variant {name!r}: jax-{{fp32,bf16}}[-scan][-remat][-grouped|-shifted] or "
                          f"torch[-compile]-{{fp32,bf16}}")
     spec = {"framework": framework, "precision": precision, "compile": "compile" in rest}
+    if "scan" in rest:
+        spec["scan_layers"] = True
     if "remat" in rest:
         spec["remat"] = "nothing_saveable"
     for impl in ("grouped", "shifted"):
@@ -391,7 +417,7 @@ def describe(name: str) -> str:
     """A readable label of a variant name."""
     spec = parse_variant(name)
     if spec["framework"] == "jax":
-        extra = "".join([", remat" if "remat" in spec else "",
+        extra = "".join([", scanned" if "scan_layers" in spec else "", ", remat" if "remat" in spec else "",
                          f", {spec['depthwise']} depthwise" if "depthwise" in spec else ""])
         return f"altjax {spec['precision']}{extra}"
     mode = "torch.compile" if spec["compile"] else "eager"

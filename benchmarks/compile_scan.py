@@ -12,7 +12,6 @@ from ``/proc/loadavg`` at the start and the end) inflates them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import time

@@ -7,7 +7,8 @@
 The image side times ``get_image_features(pixel_values)``, the text side
 ``get_text_features(input_ids, attention_mask, token_type_ids)`` (the projected features the
 embedding CLI writes), in eval mode on the same random batch: altjax jitted (``jax-fp32``,
-``jax-bf16``: bf16 compute, fp32 parameters), PyTorch under ``torch.no_grad()`` eager
+``jax-bf16``: bf16 compute, fp32 parameters; ``-scan``: layers scanned, as in
+benchmarks/train_step.py), PyTorch under ``torch.no_grad()`` eager
 (``torch-fp32``), with autocast bf16 (``torch-bf16``) or compiled (``torch-compile-fp32``,
 ``torch-compile-bf16``). Each variant runs in its own process (peak RSS on CPU, allocator peak
 on GPU); timing, alternation and medians as in benchmarks/train_step.py. The ratio is altjax's

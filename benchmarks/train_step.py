@@ -3,7 +3,7 @@
     python benchmarks/train_step.py --model demo                       # the demo ALIGN, batch 64
     python benchmarks/train_step.py --model align-base --batch-size 2 --repeats 3 --variants jax-fp32,torch-fp32
     python benchmarks/train_step.py --model altclip-l14 --batch-size 128 --repeats 20 \\
-        --variants jax-bf16,jax-bf16-remat,torch-bf16,torch-compile-bf16        # on a GPU
+        --variants jax-bf16,jax-bf16-scan,jax-bf16-scan-remat,torch-bf16,torch-compile-bf16   # on a GPU
 
 On a bare CUDA machine (both frameworks on the one GPU, JAX without preallocation):
 
@@ -19,11 +19,18 @@ BatchNorm batch statistics as the config sets them), on the same random batch (s
 resolution, text length and precision on both sides; random weights, each framework its own).
 
 Variants (``--variants``, comma-separated): ``jax-fp32``, ``jax-bf16`` (bf16 compute, fp32
-parameters), each with ``-remat`` (every tower rematerialised, policy nothing_saveable) and, for
-ALIGN, ``-grouped``/``-shifted`` (EfficientNet's depthwise convolution as XLA's grouped
-convolution / as fused shifted multiply-adds; default: shifted on CPU, grouped elsewhere);
-``torch-fp32`` (eager), ``torch-bf16`` (eager under torch.autocast bf16), ``torch-compile-fp32``,
-``torch-compile-bf16``. A variant that fails to build or compile is reported with its reason.
+parameters), each with ``-scan`` (``scan_layers`` on in every tower that has it: BERT, XLM-R and
+the CLIP ViT run their stacked layers under ``nnx.scan``, so XLA compiles one layer per tower;
+EfficientNet stays unrolled), ``-remat`` (every transformer layer and MBConv block rematerialised on
+its own, policy nothing_saveable, by ``altjax.models.stack.set_remat`` as a training run with
+``remat`` does) and, for ALIGN, ``-grouped``/``-shifted`` (EfficientNet's depthwise convolution as
+XLA's grouped convolution / as fused shifted multiply-adds; default: shifted on CPU, grouped
+elsewhere), e.g. ``jax-bf16-scan-remat``; ``torch-fp32`` (eager), ``torch-bf16`` (eager under
+torch.autocast bf16), ``torch-compile-fp32``, ``torch-compile-bf16``. A variant that fails to build
+or compile is reported with its reason.
+
+The compile column is, for altjax, the step's trace, lowering and XLA compilation
+(``lower().compile()``); for torch.compile, its first call (compilation and one step).
 
 Each variant runs in its own process (its peak memory is its own: the allocator's peak on GPU,
 peak RSS on CPU, which includes the ~0.3-0.6 GB of the framework itself). When they fit in memory
@@ -50,8 +57,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _harness as H  # noqa: E402
 
-ALL_VARIANTS = ("jax-fp32", "jax-bf16", "jax-fp32-remat", "jax-bf16-remat", "torch-fp32", "torch-bf16",
-                "torch-compile-fp32", "torch-compile-bf16")
+ALL_VARIANTS = ("jax-fp32", "jax-bf16", "jax-fp32-scan", "jax-bf16-scan", "jax-fp32-remat", "jax-bf16-remat",
+                "torch-fp32", "torch-bf16", "torch-compile-fp32", "torch-compile-bf16")
 
 
 def main(argv=None) -> None:
@@ -125,8 +132,7 @@ def main(argv=None) -> None:
     if args.json:
         H.write_json(args.json, {"kind": "train", "model": args.model, "batch_size": batch_size, "seq_len": seq_len,
                                  "threads": args.threads or os.cpu_count(), "date": datetime.date.today().isoformat(),
-                                 "flops": model_flops,
-                                 "flops_source": source}, workers)
+                                 "flops": model_flops, "flops_source": source, "peak_tflops": peak}, workers)
     for name, w in ok.items():
         spec = w.spec
         if spec["framework"] != "jax":
@@ -141,12 +147,13 @@ def main(argv=None) -> None:
 
 def _model_flops(ok, model, batch_size, seq_len):
     """The useful FLOPs of one step: XLA's count of the plain altjax step, else PyTorch's counter,
-    else the analytic count."""
+    else the analytic count. A remat step's count includes the recomputation and a scanned step's
+    goes through XLA's costing of a while loop: neither is used."""
     for name in ("jax-fp32", "jax-bf16"):
         if name in ok and ok[name].info["flops"].get("step"):
             return ok[name].info["flops"]["step"], f"XLA cost analysis ({name})"
     for w in ok.values():
-        if w.info.get("flops", {}).get("step"):
+        if w.spec["framework"] == "torch" and w.info.get("flops", {}).get("step"):
             return w.info["flops"]["step"], "PyTorch FlopCounterMode"
     analytic = H.analytic_flops(model, batch_size, seq_len, train=True)
     if analytic["vision"] is not None:

@@ -1,4 +1,6 @@
 """altjax.sharding on 8 simulated devices: the mesh, partition rules, sharded init, batches."""
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,28 @@ class TinyModel(nnx.Module):
 
 def make_model():
     return TinyModel(rngs=nnx.Rngs(0))
+
+
+class StackedModel(nnx.Module):
+    """16 stacked layers, as ``scan_layers`` builds them: the kernels' (16, 8, 4) has the layer
+    axis the largest dimension, divisible by 8."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=16)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked(rngs: nnx.Rngs) -> nnx.Module:
+            return nnx.Linear(8, 4, rngs=rngs)
+
+        self.layers = stacked(rngs)
+        self.dropout = nnx.Dropout(0.1, rngs=rngs)
+
+
+EXPECTED_STACKED = {
+    "layers/kernel": P(None, "data", None),
+    "layers/bias": P(),                   # 64 elements < MIN_SIZE
+    "dropout/rngs/key": P(),
+    "dropout/rngs/count": P(),
+}
 
 
 MIN_SIZE = 512  # so that the tiny kernels count as "large"
@@ -83,6 +107,37 @@ def test_partition_spec_rules():
         spec("anything", (8,), rules=((r"^kernel$", P()),))
 
 
+def test_fsdp_never_splits_the_layer_axis():
+    mesh = sharding.make_mesh()
+    spec = lambda path, shape, **kw: sharding.partition_spec(path, shape, mesh, **kw)
+    stacked = "vision_model/encoder/layers/mlp/fc1/kernel"
+    # (L, D, F) with L = 16 the largest dimension and divisible by the 8 devices: an unstacked
+    # parameter of that shape is split on dimension 0, a stacked one on the largest other one.
+    assert spec("visual_projection/kernel", (16, 8, 4), fsdp_min_size=512) == P("data", None, None)
+    assert spec(stacked, (16, 8, 4), fsdp_min_size=512) == P(None, "data", None)
+    assert spec("opt_state/1/0/mu/" + stacked, (16, 8, 4), fsdp_min_size=512) == P(None, "data", None)
+    assert spec("vision_model/encoder/layers/3/mlp/fc1/kernel", (16, 8), fsdp_min_size=1) == P("data", None)
+    # Nothing but the layer axis divisible: replicated.
+    assert spec(stacked, (16, 12, 20), fsdp_min_size=1) == P()
+    # The threshold counts every element, the layers' together: 16 x 32 = 512.
+    assert spec(stacked, (16, 8, 4), fsdp_min_size=513) == P()
+    _, state = sharding.abstract_state(lambda: StackedModel(rngs=nnx.Rngs(0)), mesh, fsdp_min_size=MIN_SIZE)
+    assert _specs(state) == EXPECTED_STACKED
+
+
+def test_a_rule_may_not_split_the_layer_axis():
+    mesh = sharding.make_mesh()
+    rules = ((r"fc1/kernel$", P("data", None, None)), (r".*", sharding.FSDP))
+    with pytest.raises(ValueError, match="splits dimension 0, the layer axis"):
+        sharding.partition_spec("vision_model/encoder/layers/mlp/fc1/kernel", (16, 8, 4), mesh, rules)
+    # Unrolled, the same rule is fine; stacked, a rule on the other dimensions is.
+    assert sharding.partition_spec("vision_model/encoder/layers/0/mlp/fc1/kernel", (16, 8, 4), mesh, rules) \
+        == P("data", None, None)
+    rules = ((r"fc1/kernel$", P(None, "data")), (r".*", sharding.FSDP))
+    assert sharding.partition_spec("vision_model/encoder/layers/mlp/fc1/kernel", (16, 8, 4), mesh, rules) \
+        == P(None, "data")
+
+
 def test_state_shardings_follow_the_rules():
     _, state = sharding.abstract_state(make_model, sharding.make_mesh(), fsdp_min_size=MIN_SIZE)
     assert _specs(state) == EXPECTED_8x1
@@ -114,6 +169,52 @@ def test_sharded_init_equals_unsharded_init():
         assert_close(got, ref, atol=0.0, what=f"sharded init of {name}")
     shards = model.embeddings.embedding[...].addressable_shards
     assert len(shards) == 8 and {s.data.shape for s in shards} == {(125, 64)}, "embedding shards"
+
+
+@pytest.mark.parametrize("module, expected", [(TinyModel, EXPECTED_8x1), (StackedModel, EXPECTED_STACKED)])
+def test_sharded_init_from_a_seed_equals_unsharded_init(module, expected):
+    """``make_model(rngs)`` with a seed: the same values as ``make_model(nnx.Rngs(seed))``, the rng
+    counters on the host while the model is traced (what keeps a deep model's build linear in its
+    depth)."""
+    counters = []
+
+    def make(rngs):
+        counters.append({type(count.get_value()) for _, count in nnx.to_flat_state(nnx.state(rngs, nnx.RngCount))})
+        return module(rngs=rngs)
+
+    mesh = sharding.make_mesh()
+    _, abstract = sharding.abstract_state(make, mesh, fsdp_min_size=MIN_SIZE, seed=3)
+    assert _specs(abstract) == expected
+    model = sharding.sharded_init(make, mesh, fsdp_min_size=MIN_SIZE, seed=3)
+    # Built thrice: by abstract_state, by sharded_init's own abstract_state and under its jit.
+    assert counters == [{np.ndarray}] * 3, f"rng counter types while traced: {counters}"
+    assert _specs(nnx.state(model)) == expected
+    reference = nnx.state(module(rngs=nnx.Rngs(3)))
+    for (path, got), (_, ref) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(model)),
+                                     jax.tree_util.tree_leaves_with_path(reference)):
+        name = sharding.path_to_str(path)
+        if jnp.issubdtype(ref.dtype, jax.dtypes.prng_key):
+            got, ref = jax.random.key_data(got), jax.random.key_data(ref)
+        assert isinstance(got, jax.Array), f"{name} is a {type(got)}"
+        assert_close(got, ref, atol=0.0, what=f"sharded init from a seed of {name}")
+
+
+def test_host_counters_draw_the_keys_of_jax_counters():
+    """Under jit, where a NumPy counter updated in place would be read at its final value."""
+    def draws(host: bool):
+        rngs = nnx.Rngs(5, dropout=6)
+        with sharding.host_counters(rngs) if host else contextlib.nullcontext(rngs):
+            keys = [rngs.default() for _ in range(3)] + [rngs.dropout(), rngs.dropout()]
+        return [jax.random.key_data(k) for k in keys], nnx.state(rngs, nnx.RngCount)
+
+    got, got_counts = jax.jit(lambda: draws(True))()
+    want, want_counts = draws(False)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close(a, b, atol=0.0, what=f"key {i} drawn with host counters")
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(got_counts),
+                                 jax.tree_util.tree_leaves_with_path(want_counts)):
+        assert isinstance(a, jax.Array), f"counter {sharding.path_to_str(path)} is a {type(a)} after the context"
+        assert_close(a, b, atol=0.0, what=f"counter {sharding.path_to_str(path)}")
 
 
 def test_sharded_init_never_holds_a_full_replica():

@@ -94,11 +94,10 @@ def test_kind_specific_checks():
                                ["data.tokenizer=scenes-xlmr", "data.source=webdataset", "data.files=/x.tar"])
     message = str(pytest.raises(ConfigError, validate, config).value)
     assert "data.caption_keys: empty" in message and "data.files: /x.tar: no such file" in message, message
-    # Scanned layers load and run, but do not train yet (one LAMB trust ratio per stacked tensor).
     config = train.load_config(os.path.join(ROOT, "configs", "altclip_contrastive.py"),
-                               ["data.tokenizer=scenes-xlmr", "model.vision={'image_size': 224, 'scan_layers': True}"])
+                               ["data.tokenizer=scenes-xlmr", "model.vision={'image_size': 224, 'scan_layers': 'yes'}"])
     message = str(pytest.raises(ConfigError, validate, config).value)
-    assert "model.vision.scan_layers: training scanned layers is not supported yet" in message, message
+    assert "model.vision.scan_layers: expected true or false, got 'yes'" in message, message
 
 
 def test_an_unknown_task_is_named_with_the_known_ones():

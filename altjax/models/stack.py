@@ -51,7 +51,11 @@ def run(layers, x: jax.Array, call: Callable[[nnx.Module, jax.Array], jax.Array]
         return x, tuple(hidden_states) if output_hidden_states else None
 
     # The scan keeps per-layer outputs only on request: stacked, they cost L activations.
-    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0) if output_hidden_states else nnx.Carry)
+    # _split_transpose: the backward pass computes the weight gradients in a loop of their own, off
+    # the chain of activation gradients; the gradient of 8 + 8 AltCLIP L/14 layers (2-core CPU, batch
+    # 2) took 4.2 s without it, 2.6 s with it, 2.1 s unrolled.
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0) if output_hidden_states else nnx.Carry,
+              _split_transpose=True)
     def step(layer: nnx.Module, h: jax.Array):
         h = call(layer, h)
         return (h, h) if output_hidden_states else h

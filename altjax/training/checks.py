@@ -178,8 +178,8 @@ def check_files(c: Checker, key: str, separator: Optional[str]) -> None:
 def check_model(c: Checker, *, model_type: str, presets, config_class) -> None:
     """``config.model`` of a run of a ``config_class`` model: its ``dtype``, ``preset`` (one of
     ``presets``), ``init_from`` (empty or a ``model_type`` directory), ``projection_dim``, and the
-    ``text``/``vision`` fields that replace the preset's (names and positive integers;
-    ``text.vocab_size`` -1: the tokenizer's)."""
+    ``text``/``vision`` fields that replace the preset's (names, positive integers and booleans
+    such as ``scan_layers``; ``text.vocab_size`` -1: the tokenizer's)."""
     c.choice("model.dtype", DTYPES)
     preset = c.choice("model.preset", sorted(presets))
     check_model_dir(c, "model.init_from", model_type)
@@ -195,15 +195,13 @@ def check_model(c: Checker, *, model_type: str, presets, config_class) -> None:
             c.fail(f"model.{tower}", f"unknown field(s) {', '.join(unknown)} for {type(sub).__name__}")
         if tower == "text" and "vocab_size" not in values:
             c.fail("model.text.vocab_size", "missing; give the vocabulary size, or -1 for the tokenizer's")
-        if values.get("scan_layers"):
-            # A stacked parameter would get one LAMB trust ratio for all its layers, and remat acts
-            # on whole towers: training a scanned tower waits for both to be per layer.
-            c.fail(f"model.{tower}.scan_layers", "training scanned layers is not supported yet; leave it false")
         for name, value in values.items():
             if name == "vocab_size" and value == -1:
                 continue
             if name in fields and _is_int(getattr(sub, name, None)) and not (_is_int(value) and value >= 1):
                 c.fail(f"model.{tower}.{name}", f"expected a positive integer, got {value!r}")
+            if name in fields and isinstance(getattr(sub, name, None), bool) and not isinstance(value, bool):
+                c.fail(f"model.{tower}.{name}", f"expected true or false, got {value!r}")
 
 
 def check_tokenizer(c: Checker, key: str, built) -> Optional[str]:

@@ -68,6 +68,23 @@ class Plan:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
 
+
+def abstract_run(config, directory: str, mesh):
+    """``(parts, state, shardings)`` of a fresh run of ``config`` built without computing anything:
+    the train state as ``jax.ShapeDtypeStruct``s carrying their shardings (``shardings``)."""
+    built = {}
+
+    def fresh():
+        # The parts hold no arrays (a graphdef, an optax transformation, the objective, the
+        # processor): they are kept from the trace; the state comes out as shapes.
+        built["parts"], state = build_run(config, directory, mesh)
+        return state
+
+    shapes = jax.eval_shape(fresh)
+    shardings = sharding.state_shardings(shapes, mesh)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    return built["parts"], state, shardings
+
 def _itemsize(leaf) -> int:
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
         # A typed PRNG key (the dropout streams) is stored as its key data, e.g. two uint32 words.
@@ -115,18 +132,7 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
     mesh = sharding.make_mesh(**config.mesh)
     staging = tempfile.mkdtemp(prefix="altjax-plan-")
     try:
-        built = {}
-
-        def fresh():
-            # The parts hold no arrays (a graphdef, an optax transformation, the objective, the
-            # processor): they are kept from the trace; the state comes out as shapes.
-            built["parts"], state = build_run(config, staging, mesh)
-            return state
-
-        shapes = jax.eval_shape(fresh)
-        parts = built["parts"]
-        shardings = sharding.state_shardings(shapes, mesh)
-        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+        parts, state, shardings = abstract_run(config, staging, mesh)
         batch = batch_spec(config, parts.processor, staging, mesh)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -12,7 +12,6 @@ import dataclasses
 import os
 
 import jax.numpy as jnp
-from flax import nnx
 
 from altjax import sharding
 from altjax.data.builders import source_from_config
@@ -81,8 +80,8 @@ def build(config, directory: str, mesh):
         model = align.AlignModel.from_pretrained(config.model.init_from, dtype=dtype, seed=int(config.seed), mesh=mesh)
     else:
         model_cfg = model_config(config, len(processor.tokenizer))
-        model = sharding.sharded_init(lambda: align.AlignModel(model_cfg, dtype=dtype, rngs=nnx.Rngs(int(config.seed))),
-                                      mesh)
+        model = sharding.sharded_init(lambda rngs: align.AlignModel(model_cfg, dtype=dtype, rngs=rngs), mesh,
+                                      seed=int(config.seed))
     return model, processor
 
 

@@ -159,7 +159,8 @@ def build_student(config, tokenizer_size: int, mesh) -> altclip.AltCLIPModel:
     if config.model.init_from:
         return altclip.AltCLIPModel.from_pretrained(config.model.init_from, dtype=dtype, seed=seed, mesh=mesh)
     model_cfg = model_config(config, tokenizer_size)
-    student = sharding.sharded_init(lambda: altclip.AltCLIPModel(model_cfg, dtype=dtype, rngs=nnx.Rngs(seed)), mesh)
+    student = sharding.sharded_init(lambda rngs: altclip.AltCLIPModel(model_cfg, dtype=dtype, rngs=rngs), mesh,
+                                    seed=seed)
     if config.model.text_init_from:
         load_xlm_roberta(student, config.model.text_init_from)
     return student

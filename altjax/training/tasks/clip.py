@@ -15,7 +15,6 @@ import os
 from typing import Any
 
 import jax.numpy as jnp
-from flax import nnx
 
 from altjax import sharding
 from altjax.data import parallel
@@ -104,7 +103,8 @@ def build(config, directory: str, mesh):
     if config.model.init_from:
         return clip.CLIPModel.from_pretrained(config.model.init_from, dtype=dtype, seed=seed, mesh=mesh), processor
     model_cfg = model_config(config, len(processor.tokenizer))
-    return sharding.sharded_init(lambda: clip.CLIPModel(model_cfg, dtype=dtype, rngs=nnx.Rngs(seed)), mesh), processor
+    return sharding.sharded_init(lambda rngs: clip.CLIPModel(model_cfg, dtype=dtype, rngs=rngs), mesh,
+                                 seed=seed), processor
 
 
 def pipeline(config, processor, directory: str, rows) -> InputPipeline:
