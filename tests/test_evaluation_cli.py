@@ -85,7 +85,8 @@ def test_eval_zeroshot_and_retrieval(align_dir, align, folders, tmp_path, capsys
     expected_zeroshot = {**expected_zeroshot, **none_skipped}
     assert json.loads(output.read_text()) == {"zeroshot/shapes/en": expected_zeroshot}
 
-    assert eval_main(["--checkpoint", align_dir, "--task", "retrieval", "--dataset", photos,
+    # clip_benchmark's task name, an alias of "retrieval".
+    assert eval_main(["--checkpoint", align_dir, "--task", "zeroshot_retrieval", "--dataset", photos,
                       "--batch-size", "8", "--output", str(output)]) == 0
     table = _lines(capsys.readouterr().out)
     assert table[0].split() == ["evaluation", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mr",

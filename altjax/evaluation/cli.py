@@ -1,6 +1,7 @@
 """Command lines: ``altjax-eval`` (zero-shot / retrieval metrics) and ``altjax-embed`` (embed and search).
 
-``altjax-eval --checkpoint DIR --task zeroshot|retrieval --dataset NAME`` prints a table and, with
+``altjax-eval --checkpoint DIR --task zeroshot|retrieval --dataset NAME`` (clip_benchmark's task names
+zeroshot_classification and zeroshot_retrieval are aliases) prints a table and, with
 ``--output FILE.json``, merges ``{"<task>/<dataset>/<lang>": metrics}`` into that file (the format of
 a training workdir's ``eval_results.json``).
 
@@ -112,6 +113,10 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(line(row) for row in [header, *rows])
 
 
+# clip_benchmark's task names, which researchers compare altjax's figures against.
+TASK_ALIASES = {"zeroshot_classification": "zeroshot", "zeroshot_retrieval": "retrieval"}
+
+
 def _eval_parser() -> argparse.ArgumentParser:
     from altjax.evaluation.embed import DEFAULT_BATCH_SIZE
 
@@ -120,7 +125,9 @@ def _eval_parser() -> argparse.ArgumentParser:
         description="Zero-shot classification or image-text retrieval metrics of an ALIGN, AltCLIP or CLIP checkpoint.",
     )
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory (HF or altjax)")
-    parser.add_argument("--task", required=True, choices=("zeroshot", "retrieval"))
+    parser.add_argument("--task", required=True, choices=("zeroshot", "retrieval", *TASK_ALIASES),
+                        help="zeroshot or retrieval (clip_benchmark's zeroshot_classification and "
+                             "zeroshot_retrieval are accepted as aliases)")
     parser.add_argument("--dataset", required=True, metavar="NAME",
                         help="an image folder, 'scenes', or a prepared tfds dataset (coco_captions, cifar10, ...)")
     parser.add_argument("--split", help="dataset split (default: its test split)")
@@ -147,6 +154,7 @@ def _warn_skipped(prog: str, skipped, total: int) -> None:
 
 
 def _eval(args) -> int:
+    args.task = TASK_ALIASES.get(args.task, args.task)
     from altjax.evaluation.datasets import load_dataset, read_class_names
     from altjax.evaluation.embed import SkippedImages, evaluate_retrieval, evaluate_zeroshot, evaluation_key
     from altjax.evaluation.templates import get_templates
