@@ -47,10 +47,11 @@ def workdir(tmp_path_factory):
 
 
 def test_the_readme_has_the_seed_examples():
-    assert set(seed_examples()) == {"convert", "zero-shot", "zero-shot-altclip", "retrieval"}, sorted(seed_examples())
+    assert set(seed_examples()) == {"convert", "using-the-models", "zero-shot", "zero-shot-altclip", "retrieval"}, \
+        sorted(seed_examples())
 
 
-@pytest.mark.parametrize("name", ["zero-shot", "zero-shot-altclip", "retrieval"])
+@pytest.mark.parametrize("name", ["using-the-models", "zero-shot", "zero-shot-altclip", "retrieval"])
 def test_seed_example_runs_as_written(name, workdir):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
