@@ -221,10 +221,7 @@ def host_counters(rngs: nnx.Rngs) -> Iterator[nnx.Rngs]:
             count.set_value(jnp.asarray(count.get_value()))
 
 
-def _builder(make_model: Callable[..., nnx.Module], seed: Optional[int]) -> Callable[[], nnx.Module]:
-    if seed is None:
-        return make_model
-
+def _builder(make_model: Callable[[nnx.Rngs], nnx.Module], seed: int) -> Callable[[], nnx.Module]:
     def build():
         with host_counters(nnx.Rngs(seed)) as rngs:
             return make_model(rngs)
@@ -232,14 +229,12 @@ def _builder(make_model: Callable[..., nnx.Module], seed: Optional[int]) -> Call
     return build
 
 
-def abstract_state(make_model: Callable[..., nnx.Module], mesh: Mesh,
+def abstract_state(make_model: Callable[[nnx.Rngs], nnx.Module], mesh: Mesh,
                    rules: Sequence[Rule] = PARTITION_RULES, *, fsdp_min_size: int = FSDP_MIN_SIZE,
-                   seed: Optional[int] = None):
+                   seed: int = 0):
     """``(graphdef, state)`` of the model without computing it: the state's leaves are
     ``jax.ShapeDtypeStruct``s carrying their NamedShardings (an orbax restore target, say).
-
-    ``make_model`` as for :func:`sharded_init`: ``make_model()``, or ``make_model(rngs)`` when
-    ``seed`` is given.
+    ``make_model`` and ``seed`` as for :func:`sharded_init`.
     """
     graphdef, state = nnx.split(nnx.eval_shape(_builder(make_model, seed)))
     shardings = state_shardings(state, mesh, rules, fsdp_min_size=fsdp_min_size)
@@ -247,20 +242,19 @@ def abstract_state(make_model: Callable[..., nnx.Module], mesh: Mesh,
     return graphdef, state
 
 
-def sharded_init(make_model: Callable[..., nnx.Module], mesh: Mesh,
+def sharded_init(make_model: Callable[[nnx.Rngs], nnx.Module], mesh: Mesh,
                  rules: Sequence[Rule] = PARTITION_RULES, *, fsdp_min_size: int = FSDP_MIN_SIZE,
-                 seed: Optional[int] = None):
-    """Builds the model with every parameter created directly in its sharded layout.
+                 seed: int = 0):
+    """Builds ``make_model(rngs)`` (e.g. ``lambda rngs: AlignModel(config, rngs=rngs)``) with every
+    parameter created directly in its sharded layout.
 
-    With ``seed``, the model is ``make_model(rngs)`` for an ``nnx.Rngs(seed)`` that this function
-    creates (e.g. ``lambda rngs: AlignModel(config, rngs=rngs)``); its draw counters stay on the
-    host while the model is traced (:func:`host_counters`), so a deep model is built in time linear
-    in its depth. Without, ``make_model`` takes no arguments and creates its own
-    ``nnx.Rngs`` (``lambda: AlignModel(config, rngs=nnx.Rngs(0))``), whose traced counters make the
-    build time quadratic in depth. The model is traced abstractly, the shardings are derived from
-    its shapes, and the initialisers run under ``jax.jit`` with those ``out_shardings``, so each
-    device only computes and holds its shards. With JAX's default partitionable threefry the
-    values equal those of an unsharded ``make_model(nnx.Rngs(seed))`` (``make_model()``).
+    ``rngs`` is an ``nnx.Rngs(seed)`` made here, whose draw counters stay on the host while the
+    model is traced (:func:`host_counters`): a model that made its own ``nnx.Rngs`` would carry
+    traced counters, and building it would take time quadratic in its depth. The model is traced
+    abstractly, the shardings are derived from its shapes, and the initialisers run under
+    ``jax.jit`` with those ``out_shardings``, so each device only computes and holds its shards.
+    With JAX's default partitionable threefry the values equal those of an unsharded
+    ``make_model(nnx.Rngs(seed))``.
     """
     graphdef, abstract = abstract_state(make_model, mesh, rules, fsdp_min_size=fsdp_min_size, seed=seed)
     build = _builder(make_model, seed)

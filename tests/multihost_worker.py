@@ -82,7 +82,7 @@ def compute(mesh) -> dict[str, np.ndarray]:
             for arg, grad in zip(("image", "text", "scale", "bias"), grads):
                 out[f"{name}/d_{arg}"] = grad
 
-    model = sharded_init(lambda: TinyDualEncoder(rngs=nnx.Rngs(0)), mesh, fsdp_min_size=FSDP_MIN_SIZE)
+    model = sharded_init(lambda rngs: TinyDualEncoder(rngs=rngs), mesh, fsdp_min_size=FSDP_MIN_SIZE)
     graphdef, state = nnx.split(model)
 
     def model_loss(state, image_features, text_features):

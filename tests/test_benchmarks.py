@@ -1,4 +1,4 @@
-"""Smoke tests: the train-step, embedding and compile benchmarks run at a tiny size and print their
+"""Smoke tests: the train-step, embedding and compile benchmarks (compile.py, compile_scan.py) run at a tiny size and print their
 figures; the variant names parse; the GPU suite refuses to run without a GPU."""
 import json
 import os
@@ -102,6 +102,14 @@ def test_compile_benchmark_prints_and_writes_its_figures(tmp_path):
         assert row["compile_s"] > 0 and row["first_step_s"] > 0 and row["step_s"] > 0, row
         assert row["step_bytes"] > 0 and len(row["step_times"]) == 1, row
     assert "scan_layers': True" in " ".join(result["rows"][1]["overrides"])
+
+
+@pytest.mark.parametrize("model", ["altclip", "clip"])
+def test_compile_scan_prints_each_phase_and_the_step(model):
+    out = _run("compile_scan.py", "--model", model, "--layers", "2", "--repeats", "1", "--steps", "2")
+    for phase in ("trace + lower", "compile", "total", "step"):
+        assert re.search(rf"^{re.escape(phase)} +([0-9.]+) +([0-9.]+) +([0-9.]+)x$", out, re.MULTILINE), \
+            f"no {phase!r} row:\n{out}"
 
 
 def test_gpu_suite_refuses_to_run_without_a_gpu(tmp_path):

@@ -162,7 +162,7 @@ def vector_model(*, sharded_mesh=None):
     if sharded_mesh is None:
         model = VectorModel(table, rngs=nnx.Rngs(0))
     else:
-        model = sharded_init(lambda: VectorModel(table, rngs=nnx.Rngs(0)), sharded_mesh, fsdp_min_size=16)
+        model = sharded_init(lambda rngs: VectorModel(table, rngs=rngs), sharded_mesh, fsdp_min_size=16)
     return model, WordProcessor(words), table, words
 
 

@@ -25,8 +25,8 @@ class TinyModel(nnx.Module):
         self.dropout = nnx.Dropout(0.1, rngs=rngs)
 
 
-def make_model():
-    return TinyModel(rngs=nnx.Rngs(0))
+def make_model(rngs: nnx.Rngs):
+    return TinyModel(rngs=rngs)
 
 
 class StackedModel(nnx.Module):
@@ -121,7 +121,7 @@ def test_fsdp_never_splits_the_layer_axis():
     assert spec(stacked, (16, 12, 20), fsdp_min_size=1) == P()
     # The threshold counts every element, the layers' together: 16 x 32 = 512.
     assert spec(stacked, (16, 8, 4), fsdp_min_size=513) == P()
-    _, state = sharding.abstract_state(lambda: StackedModel(rngs=nnx.Rngs(0)), mesh, fsdp_min_size=MIN_SIZE)
+    _, state = sharding.abstract_state(lambda rngs: StackedModel(rngs=rngs), mesh, fsdp_min_size=MIN_SIZE)
     assert _specs(state) == EXPECTED_STACKED
 
 
@@ -159,7 +159,7 @@ def test_tensor_parallel_rule_on_a_model_axis():
 def test_sharded_init_equals_unsharded_init():
     mesh = sharding.make_mesh()
     model = sharding.sharded_init(make_model, mesh, fsdp_min_size=MIN_SIZE)
-    reference = nnx.state(make_model())
+    reference = nnx.state(make_model(nnx.Rngs(0)))
     assert _specs(nnx.state(model)) == EXPECTED_8x1
     for (path, got), (_, ref) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(model)),
                                      jax.tree_util.tree_leaves_with_path(reference)):
@@ -225,7 +225,7 @@ def test_sharded_init_never_holds_a_full_replica():
                if not jnp.issubdtype(x.dtype, jax.dtypes.prng_key))
     largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract)
                   if not jnp.issubdtype(x.dtype, jax.dtypes.prng_key))
-    init = jax.jit(lambda: nnx.split(make_model())[1],
+    init = jax.jit(lambda: nnx.split(make_model(nnx.Rngs(0)))[1],
                    out_shardings=jax.tree.map(lambda x: x.sharding, abstract))
     memory = init.lower().compile().memory_analysis()
     assert memory.output_size_in_bytes < full / 4, \

@@ -4,6 +4,9 @@ Whether remat acts per layer is read from the program: the gradient's jaxpr hold
 ``checkpoint`` per layer when unrolled, and one inside the scan's body when scanned. Values with and
 without remat agree to float rounding (1e-6 of the largest gradient, as the training tests).
 """
+import dataclasses
+import re
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -11,7 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from altjax import sharding
 from altjax.models import stack
+from altjax.models.align import AlignConfig, AlignModel
+from altjax.models.altclip import AltCLIPConfig, AltCLIPModel
 from altjax.models.bert import Bert, BertConfig
 from altjax.models.efficientnet import EfficientNet, EfficientNetConfig
 
@@ -101,3 +107,40 @@ def test_hidden_states_are_the_input_and_every_layer_output(scan):
     np.testing.assert_array_equal(np.asarray(out.hidden_states[-1]), np.asarray(out.last_hidden_state),
                                   err_msg="the last hidden state is not the last layer's output")
     assert model.forward(*text_inputs()).hidden_states is None, "hidden states returned unasked"
+
+
+def _scanned(config, scan: bool):
+    """``config`` with ``scan_layers`` set in each tower config that has it."""
+    towers = {f.name: dataclasses.replace(getattr(config, f.name), scan_layers=scan)
+              for f in dataclasses.fields(config)
+              if dataclasses.is_dataclass(getattr(config, f.name))
+              and any(g.name == "scan_layers" for g in dataclasses.fields(getattr(config, f.name)))}
+    return dataclasses.replace(config, **towers)
+
+
+@pytest.mark.parametrize("model_class, config", [
+    (AlignModel, AlignConfig.from_preset("align-tiny")),
+    (AltCLIPModel, AltCLIPConfig.from_preset("altclip-tiny")),
+], ids=["align", "altclip"])
+def test_layer_axis_names_exactly_the_stacked_variables(model_class, config):
+    """``sharding.layer_axis`` (what sharding and the optimizer read) against the models themselves:
+    a variable of a scanned model is stacked iff it is the per-layer variable of the unrolled model
+    with a leading axis of the layer count, and nothing else matches."""
+    def shapes(scan):
+        model = nnx.eval_shape(lambda: model_class(_scanned(config, scan), rngs=nnx.Rngs(0)))
+        return {sharding.path_to_str(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(nnx.state(model))}
+
+    scanned, unrolled = shapes(True), shapes(False)
+    stacked = {path for path in scanned if sharding.layer_axis(path) == 0}
+    assert not [p for p in unrolled if sharding.layer_axis(p) is not None], "unrolled variables taken as stacked"
+    assert stacked, "no stacked variable found in a scanned model"
+    per_layer = set()
+    for path in stacked:
+        head, tail = re.match(r"(.*?\blayers?/)(.*)", path).groups()
+        count = scanned[path][0]
+        layers = [f"{head}{i}/{tail}" for i in range(count)]
+        wrong = [p for p in layers if unrolled.get(p) != scanned[path][1:]]
+        assert not wrong, f"{path} {scanned[path]}: no unrolled {wrong[0]} of shape {scanned[path][1:]}"
+        per_layer.update(layers)
+    assert set(scanned) - stacked == set(unrolled) - per_layer, (
+        f"variables outside the stacks differ: {sorted((set(scanned) - stacked) ^ (set(unrolled) - per_layer))[:5]}")
