@@ -22,9 +22,15 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "ml_dtypes",
+        # Progress bars of the commands and of model loading (altjax.console).
+        "tqdm>=4.66",
         # Tokenizers for the processors (BERT WordPiece, XLM-R sentencepiece); transformers does not
         # need torch for them.
         "transformers>=5.0",
+        # Hub ids wherever a model directory is taken (altjax.hub).
+        "huggingface_hub>=1.0",
+        # tf.Example records (altjax.data.example) without TensorFlow or tensorflow-datasets.
+        "protobuf>=4.25",
         "tokenizers",
         "sentencepiece",
         # The embedded dataset and tfds input, without TensorFlow: ArrayRecord files read through

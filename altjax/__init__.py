@@ -22,7 +22,7 @@ _LAZY = {
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in ("losses", "sharding", "model_io", "models", "processing", "evaluation", "data", "progress"):
+    if name in ("losses", "sharding", "model_io", "models", "processing", "evaluation", "data", "console"):
         return importlib.import_module(f"altjax.{name}")
     raise AttributeError(f"module 'altjax' has no attribute {name!r}")
 

@@ -24,8 +24,24 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from altjax import hub
+
 IMAGE_CONFIG_NAME = "preprocessor_config.json"
 PROCESSOR_CONFIG_NAME = "processor_config.json"
+# Tokenizer and image-processor files a model directory may carry: what a processor reads, what is
+# fetched of a Hub repo for it, and what is copied along with a model's weights.
+PROCESSOR_FILES = (
+    IMAGE_CONFIG_NAME,
+    PROCESSOR_CONFIG_NAME,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "merges.txt",
+)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -245,11 +261,48 @@ def _transformers():
     return transformers
 
 
+# The keys of transformers' TextKwargs (transformers.processing_utils, a module that imports torch
+# wherever torch is installed); tests/test_processing.py checks them against it.
+TEXT_KWARGS = frozenset({
+    "add_special_tokens", "is_split_into_words", "max_length", "pad_to_multiple_of", "padding", "padding_side",
+    "return_attention_mask", "return_length", "return_mm_token_type_ids", "return_offsets_mapping",
+    "return_overflowing_tokens", "return_special_tokens_mask", "return_tensors", "return_text_replacement_offsets",
+    "return_token_type_ids", "sanitize_control_tokens", "stride", "text_pair", "text_pair_target", "text_target",
+    "truncation", "verbose"})
+
+
+def load_tokenizer(directory: str, default_class: str | None = None):
+    """The tokenizer of ``directory``: the transformers class its ``tokenizer_config.json`` names,
+    else ``default_class``, else (neither given, or not a transformers class) AutoTokenizer's pick."""
+    transformers = _transformers()
+    named = (_read_json(os.path.join(directory, "tokenizer_config.json")) or {}).get("tokenizer_class")
+    # AutoTokenizer imports transformers' model-configuration code, and with it torch wherever torch
+    # is installed (seconds and hundreds of modules); the named class loads the same tokenizer without.
+    cls = getattr(transformers, named or default_class or "", None)
+    return (cls or transformers.AutoTokenizer).from_pretrained(directory)
+
+
 def _read_json(path: str) -> dict | None:
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def processor_dir(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                  cache_dir: str | os.PathLike | None = None) -> str:
+    """The local directory of ``name_or_path``: itself, or the snapshot of a Hub id holding its
+    processor files (``hub.HubError`` when it cannot be had)."""
+    return hub.resolve(name_or_path, select=lambda files: [f for f in files if f in PROCESSOR_FILES],
+                       markers=PROCESSOR_FILES, revision=revision, cache_dir=cache_dir, what="processor")
+
+
+def image_settings(directory: str) -> dict | None:
+    """The image-processor settings of a directory, from the file transformers 5 reads first: the
+    ``image_processor`` entry of ``processor_config.json``, else ``preprocessor_config.json``;
+    None when it has neither."""
+    nested = (_read_json(os.path.join(directory, PROCESSOR_CONFIG_NAME)) or {}).get("image_processor")
+    return nested if nested is not None else _read_json(os.path.join(directory, IMAGE_CONFIG_NAME))
 
 
 @dataclasses.dataclass
@@ -272,35 +325,37 @@ class _DualEncoderProcessor:
         self._backend_state = None if backend is None else (backend.padding, backend.truncation)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike):
-        """Loads the tokenizer and the image settings of an HF or altjax model directory.
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None):
+        """Loads the tokenizer and the image settings of an HF or altjax model directory, or of a
+        Hugging Face Hub id (``org/name``: its processor files, fetched into the Hub cache or found
+        there offline; ``revision`` and ``cache_dir`` apply to it, see :mod:`altjax.hub`).
 
-        The image settings come from ``preprocessor_config.json``, else from the
-        ``image_processor`` entry of ``processor_config.json`` (what transformers 5 writes), else
-        :attr:`default_image_config`. The tokenizer is loaded with transformers: the class named in
-        ``tokenizer_config.json``, else :attr:`tokenizer_class`.
+        The image settings are read as transformers 5 reads them: the ``image_processor`` entry of
+        ``processor_config.json`` (what transformers 5 writes), else ``preprocessor_config.json``,
+        else :attr:`default_image_config`. The tokenizer is loaded with transformers: the class
+        named in ``tokenizer_config.json``, else :attr:`tokenizer_class`.
         """
-        directory = os.fspath(directory)
-        image = _read_json(os.path.join(directory, IMAGE_CONFIG_NAME))
-        if image is None:
-            image = (_read_json(os.path.join(directory, PROCESSOR_CONFIG_NAME)) or {}).get("image_processor")
+        directory = processor_dir(name_or_path, revision=revision, cache_dir=cache_dir)
+        image = image_settings(directory)
         if image is None:
             image = cls.default_image_config
-        transformers = _transformers()
-        tokenizer_config = _read_json(os.path.join(directory, "tokenizer_config.json")) or {}
-        if tokenizer_config.get("tokenizer_class"):
-            tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-        else:
-            tokenizer = getattr(transformers, cls.tokenizer_class).from_pretrained(directory)
+        tokenizer = load_tokenizer(directory, cls.tokenizer_class)
         return cls(tokenizer, ImageProcessorConfig.from_dict(image, cls.image_processor_type))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Writes ``preprocessor_config.json`` and the tokenizer files (transformers can load both)."""
+        """Writes the image settings as ``preprocessor_config.json`` and, nested as transformers 5
+        writes them, ``processor_config.json``, and the tokenizer files (transformers can load all).
+        Both settings files are written, the same: a ``processor_config.json`` already in the
+        directory (copied along with a model) would otherwise take precedence with other settings."""
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
-        config = {**self.image_config.to_dict(), "processor_class": type(self).__name__}
-        with open(os.path.join(directory, IMAGE_CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
+        name = type(self).__name__
+        for file, content in ((IMAGE_CONFIG_NAME, {**self.image_config.to_dict(), "processor_class": name}),
+                              (PROCESSOR_CONFIG_NAME, {"image_processor": self.image_config.to_dict(),
+                                                       "processor_class": name})):
+            with open(os.path.join(directory, file), "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=2, sort_keys=True)
         if self._backend_state is not None:
             backend = self.tokenizer.backend_tokenizer
             padding, truncation = self._backend_state
@@ -312,11 +367,9 @@ class _DualEncoderProcessor:
         # transformers' ProcessorMixin._merge_kwargs: the processor's defaults, overridden by the
         # text options the tokenizer was built with (e.g. a max_length read from tokenizer.json),
         # overridden by the call's arguments.
-        from transformers.processing_utils import TextKwargs
-
         kwargs = dict(self.text_defaults)
         init = self.tokenizer.init_kwargs
-        for key in TextKwargs.__annotations__.keys() & init.keys():
+        for key in TEXT_KWARGS & init.keys():
             kwargs[key] = getattr(self.tokenizer, key, init[key])
         kwargs.update(call_kwargs)
         return kwargs

@@ -51,6 +51,8 @@ RESUMABLE_CHANGES = (
     "optimizer.grad_clip_norm", "model.dtype", "compilation_cache_dir", "peer_timeout_s",
     # The run computes the same on any topology (altjax.data.order, the checkpoints' target shardings).
     "mesh.",
+    # A trace of a few steps (altjax.training.profiler) changes nothing the run computes.
+    "profile.",
 )
 
 

@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.remat_policy = "nothing_saveable"
     # AltCLIP's image tower stays CLIP's.
     c.freeze = r"^vision_model|^visual_projection"
+    # A jax.profiler trace of num_steps steps from step start_step (numbered as in the logs; 0: no
+    # trace) into WORKDIR/profile, for TensorBoard's Profile tab (altjax.training.profiler).
+    c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=3))
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "altclip"

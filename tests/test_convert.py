@@ -18,8 +18,9 @@ from safetensors.numpy import load_file, save_file
 
 import skimage.data
 from altjax.model_io import engine, parity
-from altjax_convert.cli import main
-from helpers import bert_vocab_dir, tiny_hf_dir, write_processor_files
+from altjax.models import registry
+from altjax_convert.cli import EXIT_CODES, main
+from helpers import bert_vocab_dir, tiny_hf_dir, transformers_saved_dir, write_processor_files
 
 import test_align
 
@@ -90,6 +91,7 @@ def test_check_without_processor_files_uses_a_synthetic_batch(tmp_path, capsys):
     assert code == 0, f"{out}\n{err}"
     rows = table_rows(out)
     assert set(rows) == set(parity.OUTPUTS) and all(r["verdict"] == "ok" and r["max_rel"] <= 1e-5 for r in rows.values()), out
+    assert "inputs: random token ids and normal noise" in out, f"the synthetic inputs are not named: {out}"
 
 
 def test_check_on_user_images_and_texts(tmp_path, capsys):
@@ -102,6 +104,24 @@ def test_check_on_user_images_and_texts(tmp_path, capsys):
     assert code == 0, f"{out}\n{err}"
     rows = table_rows(out)
     assert "2x3" in out and all(r["verdict"] == "ok" for r in rows.values()), out
+
+
+@pytest.mark.parametrize("model_type", ["align", "altclip"])
+def test_check_uses_the_processor_of_a_directory_transformers_5_saved(model_type, tmp_path, capsys):
+    """transformers 5 saves the image settings in processor_config.json only: --check takes the
+    directory's processor from it, on the user's image and text, and says so."""
+    transformers_saved_dir(tmp_path / "hf", model_type, tmp_path)
+    Image.fromarray(skimage.data.chelsea()).save(tmp_path / "cat.png")
+    code, out, err = run(capsys, "to-altjax", tmp_path / "hf", tmp_path / "jax", "--check",
+                         "--images", tmp_path / "cat.png", "--texts", "a cat")
+    assert code == 0, f"exit status {code}\n{out}\n{err}"
+    processor = {"align": "AlignProcessor", "altclip": "AltCLIPProcessor"}[model_type]
+    line = next((line for line in out.splitlines() if line.startswith("inputs: ")), None)
+    assert line is not None and f"1 of your images and 1 of your texts through the directory's {processor}" in line, out
+    rows = table_rows(out)
+    assert set(rows) == set(parity.OUTPUTS) and all(r["verdict"] == "ok" for r in rows.values()), out
+    assert "1x1" in out, f"not one image-text pair: {out}"
+    assert "processor_config.json" in os.listdir(tmp_path / "jax"), "the processor settings were not copied along"
 
 
 def test_a_conversion_that_changes_the_weights_fails_the_check_and_writes_nothing(tmp_path, capsys, monkeypatch):
@@ -196,3 +216,14 @@ def test_console_script_and_module_entry_points(tmp_path):
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2, f"{argv}: exit {proc.returncode}; stderr {proc.stderr}"
         assert proc.stderr.strip().splitlines()[-1].startswith("altjax-convert: error: ") and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("argv", [[], ["to-altjax"], ["to-hf"]], ids=["main", "to-altjax", "to-hf"])
+def test_help_names_every_model_and_exit_status(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0, f"--help exit status {exit_info.value.code}"
+    wanted = [*registry.MODELS, *(f"{code} {words.split()[0]}" for code, words in EXIT_CODES.items())]
+    missing = [word for word in wanted if word not in text]
+    assert not missing, f"altjax-convert {' '.join(argv)} --help lacks {missing}:\n{text}"

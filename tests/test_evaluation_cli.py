@@ -75,14 +75,15 @@ def test_eval_zeroshot_and_retrieval(align_dir, align, folders, tmp_path, capsys
     assert eval_main(["--checkpoint", align_dir, "--task", "zeroshot", "--dataset", shapes, "--templates", "en",
                       "--batch-size", "8", "--output", str(output)]) == 0
     table = _lines(capsys.readouterr().out)
-    assert table[0].split() == ["evaluation", "top1", "top5", "mean_per_class_recall", "skipped_images"], table
-    assert table[1].split()[-1] == "0", table
+    assert table[0].split() == ["evaluation", "top1", "top5", "mean_per_class_recall", "images", "classes",
+                                "skipped_images"], table
+    assert table[1].split()[-3:] == ["8", "3", "0"], f"8 images of 3 classes, none skipped: {table}"
     assert table[1].split()[0] == "zeroshot/shapes/en" and len(table) == 2, table
     assert len({len(line) for line in table}) == 1, f"table columns not aligned:\n{table}"
     expected_zeroshot = evaluate_zeroshot(model, processor, load_dataset(shapes, "zeroshot"),
                                           templates=get_templates("en"), batch_size=8)
     none_skipped = {"skipped_images": {"count": 0, "examples": []}}
-    expected_zeroshot = {**expected_zeroshot, **none_skipped}
+    expected_zeroshot = {**expected_zeroshot, "images": 8, "classes": 3, **none_skipped}
     assert json.loads(output.read_text()) == {"zeroshot/shapes/en": expected_zeroshot}
 
     # clip_benchmark's task name, an alias of "retrieval".
@@ -90,10 +91,11 @@ def test_eval_zeroshot_and_retrieval(align_dir, align, folders, tmp_path, capsys
                       "--batch-size", "8", "--output", str(output)]) == 0
     table = _lines(capsys.readouterr().out)
     assert table[0].split() == ["evaluation", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mr",
-                                "skipped_images"]
+                                "images", "texts", "skipped_images"]
     expected_retrieval = evaluate_retrieval(model, processor, load_dataset(photos, "retrieval"), batch_size=8)
-    assert f"{expected_retrieval['mr']:.2f}" == table[1].split()[-2], table
-    expected_retrieval = {**expected_retrieval, **none_skipped}
+    assert f"{expected_retrieval['mr']:.2f}" == table[1].split()[-4], table
+    assert table[1].split()[-3:] == ["5", "7", "0"], f"5 images with 7 captions, none skipped: {table}"
+    expected_retrieval = {**expected_retrieval, "images": 5, "texts": 7, **none_skipped}
     # Results accumulate in the file, as in a training workdir's eval_results.json.
     assert json.loads(output.read_text()) == {"zeroshot/shapes/en": expected_zeroshot,
                                               "retrieval/photos/en": expected_retrieval}
@@ -101,12 +103,109 @@ def test_eval_zeroshot_and_retrieval(align_dir, align, folders, tmp_path, capsys
 
 
 def test_format_table():
-    table = format_table({"retrieval/a/en": {"t2i_r1": 5.0, "mr": 12.345}, "retrieval/bb/zh": {"t2i_r1": 100.0}})
+    table = format_table({"retrieval/a/en": {"t2i_r1": 5.0, "mr": 12.345, "images": 12, "texts": 60},
+                          "retrieval/bb/zh": {"t2i_r1": 100.0, "images": 3}})
     assert table.splitlines() == [
-        "evaluation       t2i_r1     mr",
-        "retrieval/a/en     5.00  12.35",
-        "retrieval/bb/zh  100.00      -",
+        "evaluation       t2i_r1     mr  images  texts",
+        "retrieval/a/en     5.00  12.35      12     60",
+        "retrieval/bb/zh  100.00      -       3      -",
     ], table
+
+
+def test_eval_writes_clip_benchmark_layout(align_dir, align, folders, tmp_path, capsys):
+    model, processor = align
+    shapes, photos = str(folders / "shapes"), str(folders / "photos")
+    zeroshot, retrieval = tmp_path / "zeroshot.json", tmp_path / "retrieval.json"
+    assert eval_main(["--checkpoint", align_dir, "--task", "zeroshot_classification", "--dataset", shapes,
+                      "--templates", "en", "--batch-size", "8", "--output", str(zeroshot),
+                      "--output-format", "clip_benchmark"]) == 0
+    expected = evaluate_zeroshot(model, processor, load_dataset(shapes, "zeroshot"), templates=get_templates("en"),
+                                 batch_size=8)
+    # Three classes: clip_benchmark has no top-5 accuracy there.
+    assert json.loads(zeroshot.read_text()) == {
+        "dataset": "shapes", "model": "align", "pretrained": align_dir, "task": "zeroshot_classification",
+        "language": "en",
+        "metrics": {"acc1": expected["top1"] / 100, "acc5": None,
+                    "mean_per_class_recall": expected["mean_per_class_recall"] / 100},
+    }, zeroshot.read_text()
+
+    assert eval_main(["--checkpoint", align_dir, "--task", "retrieval", "--dataset", photos, "--batch-size", "8",
+                      "--output", str(retrieval), "--output-format", "clip_benchmark"]) == 0
+    expected = evaluate_retrieval(model, processor, load_dataset(photos, "retrieval"), batch_size=8)
+    written = json.loads(retrieval.read_text())
+    assert written["task"] == "zeroshot_retrieval" and written["dataset"] == "photos", written
+    assert written["metrics"] == {
+        **{f"image_retrieval_recall@{k}": expected[f"t2i_r{k}"] / 100 for k in (1, 5, 10)},
+        **{f"text_retrieval_recall@{k}": expected[f"i2t_r{k}"] / 100 for k in (1, 5, 10)},
+    }, written
+    capsys.readouterr()
+
+    # An altjax results file is not replaced by a clip_benchmark one, nor the reverse.
+    altjax_results = tmp_path / "eval_results.json"
+    altjax_results.write_text('{"zeroshot/x/en": {"top1": 1.0}}')
+    for output, fmt, message in ((altjax_results, "clip_benchmark", "is not a clip_benchmark result"),
+                                 (retrieval, "altjax", "is not a JSON object of evaluations")):
+        before = output.read_text()
+        with pytest.raises(SystemExit) as exit_info:
+            eval_main(["--checkpoint", align_dir, "--task", "retrieval", "--dataset", photos, "--output", str(output),
+                       "--output-format", fmt])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err, f"--output-format {fmt} on {output.name}: {err!r}"
+        assert output.read_text() == before, f"{output.name} was overwritten"
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["--checkpoint", align_dir, "--task", "retrieval", "--dataset", photos,
+                   "--output-format", "clip_benchmark"])
+    assert exit_info.value.code == 2 and "needs --output" in capsys.readouterr().err
+
+
+def _help(main, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0, f"--help exit status {exit_info.value.code}"
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_names_the_tasks_datasets_and_exit_statuses(capsys):
+    from altjax.evaluation.datasets import TFDS_DATASETS
+
+    text = _help(eval_main, capsys)
+    wanted = ["zeroshot", "retrieval", *cli.TASK_ALIASES, "scenes", *TFDS_DATASETS, "clip_benchmark", "--verbose",
+              "Hugging Face Hub id", "acc1", "image_retrieval_recall@K", "images", "classes", "texts"]
+    wanted += [f"{code} {text.split()[0]}" for code, text in cli.EXIT_CODES.items()]
+    missing = [word for word in wanted if word not in text]
+    assert not missing, f"altjax-eval --help lacks {missing}:\n{text}"
+    text = _help(embed_main, capsys)
+    wanted = ["--verbose", "Hugging Face Hub id", cli.INDEX_FILE, cli.IMAGE_EMBEDS_FILE, cli.TEXT_EMBEDS_FILE]
+    wanted += [f"{code} {text.split()[0]}" for code, text in cli.EXIT_CODES.items()]
+    missing = [word for word in wanted if word not in text]
+    assert not missing, f"altjax-embed --help lacks {missing}:\n{text}"
+
+
+# What the libraries under altjax print as a command prepares the scenes set: tfds on stdout, absl on
+# stderr. A command shows none of it unless --verbose.
+TFDS_STDOUT = "Downloading and preparing dataset"
+ABSL_STDERR = ("has no dataset_info.json", "INFO absl: Generating dataset altjax_scenes")
+
+
+def test_third_party_messages_only_with_verbose(align_dir, tmp_path):
+    runs = {}
+    for flags in ([], ["--verbose"]):
+        # A new data directory each time, so that tfds generates the scenes set (and says so).
+        data_dir = tmp_path / f"tfds{len(flags)}"
+        runs[bool(flags)] = subprocess.run(
+            [str(VENV_BIN / "altjax-eval"), "--checkpoint", align_dir, "--task", "zeroshot", "--dataset", "scenes",
+             "--data-dir", str(data_dir), "--batch-size", "500", *flags],
+            capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    for verbose, run in runs.items():
+        assert run.returncode == 0, f"verbose={verbose}: exit {run.returncode}\n{run.stderr[-3000:]}"
+        assert run.stdout.splitlines()[-1].startswith("zeroshot/scenes/en"), f"no table: {run.stdout!r}"
+    quiet, verbose = runs[False], runs[True]
+    noise = [m for m in (TFDS_STDOUT, *ABSL_STDERR) if m in quiet.stdout + quiet.stderr]
+    assert not noise, f"third-party messages without --verbose: {noise}\nstdout {quiet.stdout!r}\n{quiet.stderr}"
+    assert "embedding images: 1000/1000 images (100%)" in quiet.stderr, f"progress missing: {quiet.stderr!r}"
+    assert TFDS_STDOUT in verbose.stdout, f"--verbose hides tfds: {verbose.stdout!r}"
+    hidden = [m for m in ABSL_STDERR if m not in verbose.stderr]
+    assert not hidden, f"--verbose hides {hidden}: {verbose.stderr[-3000:]}"
 
 
 def _bad_model_type(tmp_path):
@@ -384,6 +483,8 @@ def test_eval_skips_and_counts_unreadable_images(align_dir, align, folders, dama
     expected = evaluate_zeroshot(model, processor, ClassificationSet(
         "shapes", [original.images[i] for i in keep], original.labels[keep], original.class_names),
         templates=["a photo of a {}."], batch_size=16)
+    # Counted: the 7 images read, of 3 classes.
+    expected = {**expected, "images": 7, "classes": 3}
     assert result == expected, f"{result} != metrics of the readable images {expected}"
 
     assert eval_main(["--checkpoint", align_dir, "--task", "retrieval", "--dataset", str(root / "photos"),
@@ -399,6 +500,7 @@ def test_eval_skips_and_counts_unreadable_images(align_dir, align, folders, dama
     expected = evaluate_retrieval(model, processor, RetrievalSet("photos", [photos.images[i] for i in keep],
                                                                  [t for t, _ in texts], [i for _, i in texts]),
                                   batch_size=8)
+    expected = {**expected, "images": 4, "texts": len(texts)}
     assert result == expected, f"{result} != metrics without the unreadable image {expected}"
 
 

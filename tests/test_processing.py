@@ -16,10 +16,11 @@ import sklearn.datasets
 import skimage.data
 import transformers
 from transformers import CLIPImageProcessorPil, EfficientNetImageProcessorPil
+from transformers.processing_utils import TextKwargs
 
 from altjax import processing
 from altjax.processing import AlignProcessor, AltCLIPProcessor, ImageProcessorConfig
-from helpers import bert_vocab_dir, write_xlmr_tokenizer
+from helpers import bert_vocab_dir, transformers_saved_dir, write_xlmr_tokenizer
 
 SKLEARN_IMAGES = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
 SKIMAGE_DATA = os.path.dirname(skimage.data.__file__)
@@ -280,6 +281,9 @@ def test_align_save_and_load(align_dir, tmp_path, rgb_images):
     saved = tmp_path / "saved"
     ours.save_pretrained(saved)
     assert json.loads((saved / "preprocessor_config.json").read_text())["processor_class"] == "AlignProcessor"
+    nested = json.loads((saved / "processor_config.json").read_text())
+    assert nested == {"image_processor": ours.image_config.to_dict(), "processor_class": "AlignProcessor"}, \
+        f"processor_config.json {nested} does not hold the settings of preprocessor_config.json"
     loaded = AlignProcessor.from_pretrained(saved)
     assert loaded.image_config == ours.image_config
     images = [rgb_images["flower.jpg"]]
@@ -338,3 +342,47 @@ def test_altclip_processor_matches_transformers(xlmr_dir, tmp_path, rgb_images):
     assert_outputs_equal(ours(text=texts[:1], images=images),
                          hf_loaded(text=texts[:1], images=images, return_tensors="np"),
                          "transformers loading the altjax directory")
+
+
+@pytest.mark.parametrize("model_type", ["align", "altclip"])
+def test_directories_transformers_5_writes_match_transformers(model_type, tmp_path, rgb_images):
+    """transformers 5 writes the image settings only inside processor_config.json: altjax reads
+    the same settings from it, and its outputs equal transformers' from that directory."""
+    directory = tmp_path / "saved"
+    transformers_saved_dir(directory, model_type, tmp_path)
+    ours_class, hf_class = {"align": (AlignProcessor, transformers.AlignProcessor),
+                            "altclip": (AltCLIPProcessor, transformers.AltCLIPProcessor)}[model_type]
+    ours, hf = ours_class.from_pretrained(directory), hf_class.from_pretrained(directory)
+    nested = json.loads((directory / "processor_config.json").read_text())["image_processor"]
+    assert ours.image_config == ImageProcessorConfig.from_dict(nested, "unused"), \
+        f"{model_type}: image settings {ours.image_config} are not processor_config.json's {nested}"
+    default_crop = processing.CLASS_DEFAULTS[ours.image_processor_type]["crop_size"]
+    assert ours.image_config.crop_size == dict(hf.image_processor.crop_size) != default_crop, \
+        f"{model_type}: crop {ours.image_config.crop_size}, transformers {hf.image_processor.crop_size}"
+    images = [rgb_images["china.jpg"], rgb_images["33x47"]]
+    texts = ["a photo of a cat.", "un chat"]
+    assert_outputs_equal(ours(text=texts, images=images, padding=True),
+                         hf(text=texts, images=images, padding=True, return_tensors="np"),
+                         f"{model_type} saved by transformers 5")
+
+
+def test_processor_config_json_wins_over_preprocessor_config_json(align_dir, rgb_images):
+    """A directory with both files: transformers 5 takes the nested settings, and so does altjax."""
+    nested = dict(IMAGE_CONFIGS["efficientnet-class-defaults"])
+    (align_dir / "processor_config.json").write_text(json.dumps({"image_processor": nested,
+                                                                 "processor_class": "AlignProcessor"}))
+    (align_dir / "preprocessor_config.json").write_text(json.dumps(ALIGN_BASE_JSON))
+    (align_dir / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "model_max_length": 64,
+                                                                 "tokenizer_class": "BertTokenizer"}))
+    ours, hf = AlignProcessor.from_pretrained(align_dir), transformers.AlignProcessor.from_pretrained(align_dir)
+    assert ours.image_config == ImageProcessorConfig.from_dict(nested, "unused"), ours.image_config
+    images = [rgb_images["flower.jpg"]]
+    assert_outputs_equal(ours(text=["a cat"], images=images), hf(text=["a cat"], images=images, return_tensors="np"),
+                         "both processor files")
+
+
+def test_text_kwargs_are_transformers_ones():
+    # processing.TEXT_KWARGS copies transformers' TextKwargs keys so that the processors need not
+    # import transformers.processing_utils (which imports torch); a transformers upgrade may change them.
+    ours, theirs = set(processing.TEXT_KWARGS), set(TextKwargs.__annotations__)
+    assert ours == theirs, f"only in altjax: {sorted(ours - theirs)}, only in transformers: {sorted(theirs - ours)}"

@@ -136,9 +136,12 @@ def assert_same_losses(workdir, reference, what):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data):
-    """The uninterrupted run, with evaluations every 12 steps and at the end."""
+    """The uninterrupted run, with evaluations every 12 steps and at the end, and steps 3 and 4
+    traced by the profiler (which the runs compared with it are not: it changes no loss)."""
     workdir = tmp_path_factory.mktemp("reference")
-    finish(run_cli(workdir, data, jax_cache(tmp_path_factory), "eval_every=12", "eval.at_end=true"), "reference run")
+    out = finish(run_cli(workdir, data, jax_cache(tmp_path_factory), "eval_every=12", "eval.at_end=true",
+                         "profile.start_step=3", "profile.num_steps=2"), "reference run")
+    (workdir.parent / f"{workdir.name}.out").write_text(out)
     return workdir
 
 
@@ -153,6 +156,11 @@ def test_reference_run_writes_logs_evaluations_and_model(reference):
     # fourth, so each damaged record was met (and skipped) three or four times.
     skipped = [r["skipped_examples"] for r in records]
     assert 6 <= skipped[-1] <= 8 and skipped == sorted(skipped), f"skipped_examples over steps: {skipped}"
+
+    traces = list((workdir / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    out = (workdir.parent / f"{workdir.name}.out").read_text()
+    assert len(traces) == 1 and f"profile: traced steps 3, 4 into {workdir / 'profile'}" in out, \
+        f"profile traces {traces}, console:\n{out}"
 
     results = json.load(open(workdir / "eval_results.json"))
     assert set(results) == {"retrieval/scenes/en", "zeroshot/scenes/en"}, f"eval_results keys {sorted(results)}"
@@ -208,6 +216,12 @@ def test_rerunning_a_finished_run_changes_nothing(reference, data, tmp_path, tmp
     assert (workdir / "model" / "config.json").stat().st_mtime_ns == exported, "the model was exported again"
     assert "resumed from" in out and "step 24/24" not in out and "step 24: " not in out, \
         f"the finished run trained or evaluated again:\n{out}"
+    # Nothing was trained in this process: no progress bar, no rate.
+    assert "training:" not in out and "steps/s" not in out, f"the finished run shows a progress rate:\n{out}"
+    model = workdir / "model"
+    assert out.splitlines()[-1] == (f"altjax-train: model written to {model} (altjax format; load with "
+                                    f"AlignModel.from_pretrained('{model}'), evaluate with altjax-eval --checkpoint "
+                                    f"{model})"), f"the last line does not name the model:\n{out}"
 
 
 def test_preempted_diverged_killed_and_damaged_run_ends_like_the_uninterrupted_one(reference, data, tmp_path,
@@ -292,6 +306,28 @@ def run_main(capsys, *argv):
     """``altjax-train ARGV`` in this process: (exit status, stderr lines)."""
     status = train.main(list(argv))
     return status, capsys.readouterr().err.strip().splitlines()
+
+
+def test_help_names_every_task_recipe_and_exit_status(capsys):
+    from altjax.training.tasks import TASKS
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0, f"--help exit status {exit_info.value.code}"
+    wanted = [*TASKS, *train.recipes(), "--config.KEY=VALUE", "--print-config", "--verbose"]
+    wanted += [f"{code} {words.split()[0]}" for code, words in train.EXIT_CODES.items()]
+    missing = [word for word in wanted if word not in text]
+    assert not missing, f"altjax-train --help lacks {missing}:\n{text}"
+    assert "130" in text and "143" in text, "the exit statuses of SIGINT / SIGTERM are missing"
+
+
+def test_print_config_prints_every_key_with_the_overrides(capsys):
+    status = train.main(["--config", "demo", "--print-config", "--config.total_steps=7"])
+    out = capsys.readouterr().out
+    expected = train.load_config("demo", ["total_steps=7"])
+    assert status == 0 and out.strip() == str(expected).strip(), f"status {status}, printed:\n{out}"
+    assert "total_steps: 7" in out, out
 
 
 def tree(path):

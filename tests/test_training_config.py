@@ -15,7 +15,7 @@ from altjax.training.tasks.align import model_config
 
 ALIGN_BASE = os.path.join(train.CONFIGS_DIR, "align_base.py")
 DEMO = os.path.join(train.CONFIGS_DIR, "demo.py")
-SHARED_KEYS = ("total_steps", "batch_size", "seed", "log_every", "checkpoint_every", "eval_every")
+SHARED_KEYS = ("total_steps", "batch_size", "seed", "log_every", "checkpoint_every", "eval_every", "profile")
 
 
 def test_recipes_are_found_by_name_and_each_names_a_task_and_is_valid_or_says_what_it_needs():

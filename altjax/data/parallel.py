@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from altjax.data import order as orders
+from altjax.data import scenes
 from altjax.data.preprocess import TextField, tokenize
 from altjax.data.sources import get_field
 
@@ -43,9 +44,7 @@ def expand_pairs(translations: Sequence[tuple[str, str]], *, same_language: bool
 def scenes_pairs(split: str = "train", *, data_dir: str | None = None, config=None) -> list[tuple[str, str]]:
     """``(caption_en, caption_zh)`` of every example of a scenes split (preparing it if needed),
     in generation order; the images are not decoded."""
-    import tensorflow_datasets as tfds
-
-    from altjax.data import scenes
+    import tensorflow_datasets as tfds  # not at the top: only reading the scenes dataset needs it
 
     builder = scenes.prepare(config if config is not None else scenes.scenes_config(), data_dir=data_dir)
     source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
@@ -183,8 +182,6 @@ def pairs_from_config(data) -> list[tuple[str, str, int]]:
     """The training pairs of a phase-1 ``config.data``: ``source`` "scenes" (the ``split`` of the
     scenes dataset) or "files" (``files``, comma-separated TSV/JSONL paths); identical-language
     pairs when ``same_language_pairs``."""
-    from altjax.data import scenes
-
     if data.source == "scenes":
         translations = scenes_pairs(data.split, data_dir=data.data_dir or None, config=scenes.scenes_config(**data.scenes))
     elif data.source == "files":

@@ -22,6 +22,10 @@ height, from the top left), ``position`` and ``relation`` (class labels whose in
 ``held_out`` (whether any object is a held-out pair), and ``index`` (the example's number in its
 split: tfds stores examples in a shuffled order, and :func:`generate_example` with this number
 regenerates it).
+
+tensorflow_datasets is imported when the dataset is first prepared or read (:func:`prepare`,
+:func:`load_split`, :func:`source`, :func:`scenes_config`, or the classes ``AltjaxScenes`` and
+``ScenesConfig``), not with this module; ``tfds.builder("altjax_scenes")`` knows the name from then on.
 """
 from __future__ import annotations
 
@@ -34,7 +38,6 @@ import os
 from typing import Any
 
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
 
 # (English, Chinese, RGB). Saturated colours, far from each other and from the grey background.
@@ -330,17 +333,6 @@ def encode_jpeg(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-@dataclasses.dataclass
-class ScenesConfig(tfds.core.BuilderConfig):
-    """Image side in pixels, number of examples per split, and the generation seed."""
-
-    image_size: int = 64
-    num_train: int = 10_000
-    num_validation: int = 1_000
-    num_test: int = 1_000
-    seed: int = 0
-
-
 _PRESETS = {
     "64px": dict(image_size=64),
     "32px": dict(image_size=32),
@@ -348,67 +340,100 @@ _PRESETS = {
 }
 
 
+# tensorflow_datasets (about 300 modules, 0.4 s after jax) is imported when the dataset itself is
+# prepared or read, not with this module: the scenes tokenizers need only the captions' words, and
+# a run on WebDataset or TFRecord files of scenes never opens the tfds dataset. Its builder
+# classes subclass tfds' own, so they are defined then too, once.
+@functools.cache
+def _tfds():
+    """``(tfds, ScenesConfig, AltjaxScenes)``; defining AltjaxScenes registers it with tfds."""
+    import tensorflow_datasets as tfds
+
+    @dataclasses.dataclass
+    class ScenesConfig(tfds.core.BuilderConfig):
+        """Image side in pixels, number of examples per split, and the generation seed."""
+
+        image_size: int = 64
+        num_train: int = 10_000
+        num_validation: int = 1_000
+        num_test: int = 1_000
+        seed: int = 0
+
+    class AltjaxScenes(tfds.core.GeneratorBasedBuilder):
+        """Synthetic one- and two-object scenes with parallel English/Chinese captions (see the module
+        docstring). Generated locally from the config's seed; nothing is downloaded."""
+
+        VERSION = tfds.core.Version("1.0.0")
+        RELEASE_NOTES = {"1.0.0": "First release."}
+        BUILDER_CONFIGS = [
+            ScenesConfig(name=name, description=f"{settings['image_size']} px scenes", **{**settings})
+            for name, settings in _PRESETS.items()
+        ]
+        DEFAULT_CONFIG_NAME = "64px"
+
+        def _info(self) -> tfds.core.DatasetInfo:
+            size = self.builder_config.image_size
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description=__doc__.split("\n\n")[0],
+                features=tfds.features.FeaturesDict({
+                    "image": tfds.features.Image(shape=(size, size, 3), encoding_format="jpeg"),
+                    "caption_en": tfds.features.Text(),
+                    "caption_zh": tfds.features.Text(),
+                    "label": tfds.features.ClassLabel(names=class_names("en")),
+                    "num_objects": tfds.features.Scalar(dtype=np.int32),
+                    "colours": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+                    "shapes": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+                    "sizes": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+                    "centres": tfds.features.Tensor(shape=(2, 2), dtype=np.float32),
+                    "position": tfds.features.ClassLabel(names=["none"] + [p[0] for p in POSITIONS]),
+                    "relation": tfds.features.ClassLabel(names=["none"] + [r[0] for r in RELATIONS]),
+                    "held_out": tfds.features.Scalar(dtype=np.bool_),
+                    "index": tfds.features.Scalar(dtype=np.int32),
+                }),
+                supervised_keys=("image", "label"),
+            )
+
+        def _split_generators(self, dl_manager):
+            del dl_manager  # nothing to download
+            config = self.builder_config
+            counts = {"train": config.num_train, "validation": config.num_validation, "test": config.num_test}
+            return {split: self._generate_examples(split, n) for split, n in counts.items()}
+
+        def _generate_examples(self, split: str, num_examples: int):
+            config = self.builder_config
+            for index in range(num_examples):
+                example = generate_example(config.seed, split, index, config.image_size)
+                # tfds would encode the array with TensorFlow; JPEG bytes from PIL keep TF out.
+                example["image"] = encode_jpeg(example["image"])
+                yield index, example
+
+    # Named as module attributes (:func:`__getattr__`), so that pickle finds them by reference.
+    for cls in (ScenesConfig, AltjaxScenes):
+        cls.__qualname__ = cls.__name__
+    return tfds, ScenesConfig, AltjaxScenes
+
+
+def __getattr__(name: str):
+    # ScenesConfig and AltjaxScenes exist once tensorflow_datasets is imported (see _tfds).
+    if name in ("ScenesConfig", "AltjaxScenes"):
+        _, config_class, builder_class = _tfds()
+        return config_class if name == "ScenesConfig" else builder_class
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def scenes_config(image_size: int = 64, num_train: int = 10_000, num_validation: int = 1_000,
-                  num_test: int = 1_000, seed: int = 0) -> ScenesConfig:
-    """The builder config for these settings: a predefined one ("64px", the default, "32px",
-    "128px") when they match it, else a custom config named after the settings."""
+                  num_test: int = 1_000, seed: int = 0):
+    """The builder config (a ``ScenesConfig``) for these settings: a predefined one ("64px", the
+    default, "32px", "128px") when they match it, else a custom config named after the settings."""
+    _, config_class, builder_class = _tfds()
     settings = dict(image_size=image_size, num_train=num_train, num_validation=num_validation,
                     num_test=num_test, seed=seed)
-    for config in AltjaxScenes.BUILDER_CONFIGS:
+    for config in builder_class.BUILDER_CONFIGS:
         if all(getattr(config, k) == v for k, v in settings.items()):
             return config
     name = f"{image_size}px_{num_train}_{num_validation}_{num_test}_seed{seed}"
-    return ScenesConfig(name=name, description=f"custom: {settings}", **settings)
-
-
-class AltjaxScenes(tfds.core.GeneratorBasedBuilder):
-    """Synthetic one- and two-object scenes with parallel English/Chinese captions (see the module
-    docstring). Generated locally from the config's seed; nothing is downloaded."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
-    BUILDER_CONFIGS = [
-        ScenesConfig(name=name, description=f"{settings['image_size']} px scenes", **{**settings})
-        for name, settings in _PRESETS.items()
-    ]
-    DEFAULT_CONFIG_NAME = "64px"
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        size = self.builder_config.image_size
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__.split("\n\n")[0],
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(size, size, 3), encoding_format="jpeg"),
-                "caption_en": tfds.features.Text(),
-                "caption_zh": tfds.features.Text(),
-                "label": tfds.features.ClassLabel(names=class_names("en")),
-                "num_objects": tfds.features.Scalar(dtype=np.int32),
-                "colours": tfds.features.Tensor(shape=(2,), dtype=np.int32),
-                "shapes": tfds.features.Tensor(shape=(2,), dtype=np.int32),
-                "sizes": tfds.features.Tensor(shape=(2,), dtype=np.int32),
-                "centres": tfds.features.Tensor(shape=(2, 2), dtype=np.float32),
-                "position": tfds.features.ClassLabel(names=["none"] + [p[0] for p in POSITIONS]),
-                "relation": tfds.features.ClassLabel(names=["none"] + [r[0] for r in RELATIONS]),
-                "held_out": tfds.features.Scalar(dtype=np.bool_),
-                "index": tfds.features.Scalar(dtype=np.int32),
-            }),
-            supervised_keys=("image", "label"),
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # nothing to download
-        config = self.builder_config
-        counts = {"train": config.num_train, "validation": config.num_validation, "test": config.num_test}
-        return {split: self._generate_examples(split, n) for split, n in counts.items()}
-
-    def _generate_examples(self, split: str, num_examples: int):
-        config = self.builder_config
-        for index in range(num_examples):
-            example = generate_example(config.seed, split, index, config.image_size)
-            # tfds would encode the array with TensorFlow; JPEG bytes from PIL keep TF out.
-            example["image"] = encode_jpeg(example["image"])
-            yield index, example
+    return config_class(name=name, description=f"custom: {settings}", **settings)
 
 
 def default_data_dir() -> str:
@@ -425,6 +450,7 @@ def _quiet_tfds():
     # tfds keeps the switch in a module global with no getter, so it is read directly to restore it.
     from tensorflow_datasets.core.utils import tqdm_utils
 
+    tfds, _, _ = _tfds()
     before = getattr(tqdm_utils, "_active", True)
     tfds.display_progress_bar(False)
     try:
@@ -433,10 +459,11 @@ def _quiet_tfds():
         tfds.display_progress_bar(before)
 
 
-def prepare(config: ScenesConfig | str | None = None, *, data_dir: str | None = None, **settings) -> AltjaxScenes:
-    """The prepared builder, generating the dataset into ``data_dir`` first if it is not there.
+def prepare(config: Any = None, *, data_dir: str | None = None, **settings):
+    """The prepared builder (an ``AltjaxScenes``), generating the dataset into ``data_dir`` first
+    if it is not there.
 
-    ``config`` is a :class:`ScenesConfig`, a predefined config name, or None for
+    ``config`` is a ``ScenesConfig``, a predefined config name, or None for
     ``scenes_config(**settings)`` (the default "64px" when no settings are given). tfds writes
     into a temporary directory and renames it when complete, so an interrupted preparation leaves
     nothing half-written; a file lock in ``data_dir`` makes concurrent processes on one machine
@@ -452,7 +479,8 @@ def prepare(config: ScenesConfig | str | None = None, *, data_dir: str | None = 
     with open(os.path.join(data_dir, f".{NAME}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         # Built after taking the lock so that it sees a dataset another process just finished.
-        builder = AltjaxScenes(config=config, data_dir=data_dir, file_format="array_record")
+        _, _, builder_class = _tfds()
+        builder = builder_class(config=config, data_dir=data_dir, file_format="array_record")
         if not builder.is_prepared():
             with _quiet_tfds():
                 builder.download_and_prepare()
@@ -460,20 +488,21 @@ def prepare(config: ScenesConfig | str | None = None, *, data_dir: str | None = 
 
 
 def load_split(split: str, *, data_dir: str | None = None, image_size: int = 64, lang: str = "en",
-               config: ScenesConfig | str | None = None) -> dict[str, Any]:
+               config: Any = None) -> dict[str, Any]:
     """A whole split in memory, preparing the dataset if needed.
 
     Returns ``images`` uint8 (N, H, W, 3), ``captions`` (list of N strings in ``lang``), ``labels``
     int32 (N,), ``class_names`` (in ``lang``), and the attributes ``num_objects`` and
     ``held_out`` (N,) for restricting an evaluation to one-object scenes or held-out pairs, in
     the order of generation (example ``i`` of the split first).
-    ``config`` overrides ``image_size`` (a :class:`ScenesConfig` or a config name).
+    ``config`` overrides ``image_size`` (a ``ScenesConfig`` or a config name).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if lang not in ("en", "zh"):
         raise ValueError(f"lang must be 'en' or 'zh', got {lang!r}")
     builder = prepare(config if config is not None else scenes_config(image_size=image_size), data_dir=data_dir)
+    tfds, _, _ = _tfds()
     source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
     records = sorted(source.__getitems__(list(range(len(source)))), key=lambda r: r["index"])
     images = np.stack([np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in records])
@@ -493,7 +522,7 @@ def _text(value: bytes | str) -> str:
 
 
 def source(split: str, *, data_dir: str | None = None, image_size: int = 64, lang: str = "en",
-           config: ScenesConfig | str | None = None):
+           config: Any = None):
     """A split as a pipeline source (:class:`altjax.data.sources.TfdsSource`), preparing the
     dataset if needed; its default caption key is ``caption_{lang}``."""
     from altjax.data.sources import TfdsSource

@@ -226,7 +226,8 @@ def _skip_decoding(key: str):
 class TfdsSource:
     """A split of a prepared tensorflow-datasets dataset, read without TensorFlow.
 
-    ``dataset`` is a registered name (``"coco_captions"``, ``"altjax_scenes/64px"``), a builder,
+    ``dataset`` is a registered name (``"coco_captions"``; ``"altjax_scenes/64px"`` once
+    :mod:`altjax.data.scenes` has defined its builder, see there), a builder,
     or a prepared dataset directory (``.../coco_captions/2017/1.1.0``). ArrayRecord datasets are
     read with tfds' data source; TFRecord datasets (what ``tfds build`` writes by default) with
     :mod:`altjax.data.tfrecord` and tfds' NumPy example parser. The image feature is left encoded

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import os
 
-import transformers
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from altjax.data import scenes
+
+# transformers is imported where a tokenizer is built, not here: importing it imports torch when
+# that is installed, which a run that builds no tokenizer (or only reads one) never needs.
 
 
 def scenes_word_tokenizer(directory: str, lang: str):
     """A BERT WordPiece tokenizer whose vocabulary is the scenes captions' words (and [PAD], [UNK],
     [CLS], [SEP], [MASK]), written to ``directory``: 60-odd tokens instead of BERT's 30,522."""
+    import transformers
+
     if lang != "en":
         raise ValueError("the scenes word tokenizer is English; give a tokenizer directory for other languages")
     words = sorted({w.lower() for w in scenes.vocabulary(lang)})
@@ -36,6 +40,8 @@ def scenes_clip_tokenizer(directory: str, *, vocab_size: int = 1024):
     byte-level BPE gives any text tokens: trained on English captions only, the teacher never
     learns them, so it reads Chinese at about chance (mapping them all to ``<unk>`` would instead
     make every Chinese caption the same text, and retrieval ties)."""
+    import transformers
+
     words = sorted({w.lower() for w in scenes.vocabulary("en")})
     chars = sorted(set(scenes.vocabulary("zh")) - {" "})
     vocab = {w: i for i, w in enumerate(words + ["<unk>"] + chars)}
@@ -58,6 +64,8 @@ def scenes_xlmr_tokenizer(directory: str):
     """An XLM-R (sentencepiece Unigram) tokenizer whose pieces are the scenes captions' English
     words (``▁word``) and Chinese characters (alone and as ``▁char``), with XLM-R's special tokens
     ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3: no caption of either language has an unknown piece."""
+    import transformers
+
     words = sorted({w.lower() for w in scenes.vocabulary("en")})
     chars = sorted(set(scenes.vocabulary("zh")) - {" "})
     vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("<mask>", 0.0), ("▁", -8.0)]

@@ -8,9 +8,10 @@ classification of the 24 colour-shape classes and image-text retrieval over 1,00
 trains it (a few minutes on a laptop CPU), evaluates it again, and prints the results side by side
 with chance. The workdir receives what ``altjax-train`` writes (``metrics.jsonl``,
 ``eval_results.json``, checkpoints, TensorBoard events, the model in ``model/``), the evaluation
-before training in ``eval_before.json``, and ``demo.png``: the loss curve and, for a few test
-captions, the images the trained model retrieves. Run again on the same workdir, it resumes (or,
-when finished, only reports).
+before training in ``eval_before.json``, and ``demo.png``: the loss curve, for a few test captions
+the images the trained model retrieves (the caption's own image framed in green, with a legend),
+and the results table. Run again on the same workdir, it resumes (or,
+when finished, only reports). The last line names the trained model and how to load it.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from altjax import train
+from altjax import console, train
 from altjax.data import scenes
 from altjax.evaluation import Embedder
 from altjax.models.align import AlignModel
@@ -32,6 +33,7 @@ from altjax.processing import AlignProcessor
 
 RETRIEVAL_EXAMPLES = 4  # test captions shown in the figure
 TOP_K = 4  # images retrieved per caption in the figure
+CORRECT, OTHER = (45, 165, 65), (160, 160, 160)  # frames of the retrieved images in the figure
 
 ROWS = (  # (label, evaluation, metric, chance as a function of the test set)
     ("text->image R@1", "retrieval", "t2i_r1", lambda n, c: 100 / n),
@@ -98,16 +100,46 @@ def draw_retrieval(canvas, draw, origin: tuple[int, int], captions, images, top,
             tx = x + col * (thumb + 10)
             image = Image.fromarray(images[index]).resize((thumb, thumb), Image.NEAREST)
             canvas.paste(image, (tx + 3, ty + 19))
-            draw.rectangle((tx, ty + 16, tx + thumb + 5, ty + thumb + 21),
-                           outline=(45, 165, 65) if correct else (160, 160, 160), width=3)
+            draw.rectangle((tx, ty + 16, tx + thumb + 5, ty + thumb + 21), outline=CORRECT if correct else OTHER,
+                           width=3)
 
 
-def save_figure(path: str, metrics: list[dict[str, Any]], captions, images, top) -> None:
-    """``demo.png``: the loss curve and the retrieval examples."""
-    canvas = Image.new("RGB", (900, 520), "white")
+def draw_legend(draw, origin: tuple[int, int]) -> None:
+    """What the frames of the retrieval examples mean."""
+    x, y = origin
+    font = _font(13)
+    for i, (colour, words) in enumerate(((CORRECT, "the caption's own image"), (OTHER, "another test image"))):
+        left = x + i * 210
+        draw.rectangle((left, y, left + 14, y + 14), fill=colour)
+        draw.text((left + 20, y), words, fill="black", font=font)
+
+
+def draw_summary(draw, origin: tuple[int, int], before: dict, after: dict, num_test: int, num_classes: int) -> None:
+    """The results table (chance, before and after training, percent) in columns."""
+    x, y = origin
+    font = _font(13)
+    draw.text((x, y), f"test split, {num_test} image-caption pairs, {num_classes} classes (percent)",
+              fill="black", font=_font(15))
+    columns = (x + 150, x + 230, x + 310)
+    for column, title in zip(columns, ("chance", "before", "after")):
+        draw.text((column, y + 24), title, fill="black", font=font)
+    for row, (label, task, metric, chance) in enumerate(ROWS):
+        ty = y + 44 + row * 18
+        key = f"{task}/scenes/en"
+        draw.text((x, ty), label, fill="black", font=font)
+        for column, value in zip(columns, (chance(num_test, num_classes), before[key][metric], after[key][metric])):
+            draw.text((column, ty), f"{value:.1f}", fill="black", font=font)
+
+
+def save_figure(path: str, metrics: list[dict[str, Any]], captions, images, top, *, before: dict, after: dict,
+                num_test: int, num_classes: int) -> None:
+    """``demo.png``: the loss curve, the retrieval examples with a legend, and the results table."""
+    canvas = Image.new("RGB", (900, 680), "white")
     draw = ImageDraw.Draw(canvas)
     draw_loss(draw, (20, 50, 470, 480), [m["step"] for m in metrics], [m["loss"] for m in metrics])
     draw_retrieval(canvas, draw, (520, 50), captions, images, top)
+    draw_legend(draw, (520, 50 + len(captions) * 106 + 4))
+    draw_summary(draw, (20, 520), before, after, num_test, num_classes)
     canvas.save(path)
 
 
@@ -125,10 +157,15 @@ def retrieval_examples(model_dir: str, images, captions, *, text_length: int, co
 # ----- main -----
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m altjax.demos.align", description=__doc__.split("\n\n")[0],
-                                     epilog="--config.KEY=VALUE overrides an entry of configs/demo.py.")
+    parser = argparse.ArgumentParser(
+        prog="python -m altjax.demos.align", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=console.help_section("config", "--config.KEY=VALUE overrides an entry of configs/demo.py "
+                                              "(altjax-train --config demo --print-config lists them)")
+        + "\n\n" + console.exit_status_help(train.EXIT_CODES))
     parser.add_argument("--workdir", default="altjax-demo", help="where the run is written (default: %(default)s)")
     parser.add_argument("--steps", type=int, help="training steps (default: the config's total_steps)")
+    parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for item in rest:
@@ -137,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(item[len("--config."):])
     if args.steps is not None:
         overrides.append(f"total_steps={args.steps}")
+    console.quiet_third_party(args.verbose)
     try:
         return run(args.workdir, overrides)
     except train.USER_ERRORS + train.RUN_FAILURES as e:
@@ -152,14 +190,16 @@ def run(workdir: str, overrides: list[str]) -> int:
     data_dir = config.data.data_dir or scenes.default_data_dir()
     print(f"[1/4] preparing the scenes dataset in {data_dir} (generated locally, once) ...", flush=True)
     scenes_config = scenes.scenes_config(**config.data.scenes)
-    scenes.prepare(scenes_config, data_dir=config.data.data_dir or None)
+    with console.third_party_stdout():  # tfds announces the dataset it generates there
+        scenes.prepare(scenes_config, data_dir=config.data.data_dir or None)
     test = scenes.load_split("test", data_dir=config.data.data_dir or None, config=scenes_config, lang="en")
     print(f"      {config.data.scenes.num_train} training and {len(test['captions'])} test image-caption pairs, "
           f"e.g. \"{test['captions'][0]}\"")
 
     print(f"[2/4] training {config.total_steps} steps of {config.batch_size} pairs, evaluating on the test split "
           "before and after (progress on stderr) ...", flush=True)
-    result = train.train(config, workdir)
+    with console.third_party_stdout():
+        result = train.train(config, workdir)
     before_file = os.path.join(workdir, "eval_before.json")
     if result["eval_start"]:
         with open(before_file, "w", encoding="utf-8") as f:
@@ -173,12 +213,13 @@ def run(workdir: str, overrides: list[str]) -> int:
     print(results_table(before, after, len(test["captions"]), len(test["class_names"])))
 
     print("[4/4] drawing the loss curve and retrieval examples ...", flush=True)
-    captions, top = retrieval_examples(os.path.join(workdir, "model"), test["images"], test["captions"],
+    captions, top = retrieval_examples(result["model"], test["images"], test["captions"],
                                        text_length=int(config.data.max_length), count=RETRIEVAL_EXAMPLES, k=TOP_K)
     figure = os.path.join(workdir, "demo.png")
-    save_figure(figure, train.read_metrics(workdir), captions, test["images"], top)
-    print(f"done in {time.perf_counter() - start:.0f}s: {figure}, eval_results.json, metrics.jsonl and the "
-          f"trained model (altjax-eval --checkpoint {os.path.join(workdir, 'model')} ...) in {workdir}")
+    save_figure(figure, train.read_metrics(workdir), captions, test["images"], top, before=before, after=after,
+                num_test=len(test["captions"]), num_classes=len(test["class_names"]))
+    print(f"done in {time.perf_counter() - start:.0f}s: {figure}, eval_results.json and metrics.jsonl in {workdir}")
+    print(train.model_line("altjax-demo", result["model"]))
     return 0
 
 

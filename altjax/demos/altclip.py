@@ -15,7 +15,7 @@ Three runs of ``altjax-train`` (the recipes ``configs/altclip_distill.py`` and
 Then prints the table: rows CLIP, AltCLIP after phase 1, AltCLIP after phase 2; columns EN/ZH x
 text->image/image->text x R@1/5/10 and MR (their mean), on the scenes test split, and writes it to
 ``table.json`` and ``table.md``. ``--scale`` multiplies every run's steps. Runs that finished are
-not repeated.
+not repeated. The last line names phase 2's model (the bilingual AltCLIP) and how to load it.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import os
 import sys
 import time
 
-from altjax import train
+from altjax import console, train
 
 METRICS = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10")
 ROWS = (("CLIP (teacher)", "teacher"), ("AltCLIP phase 1", "phase1"), ("AltCLIP phase 2", "phase2"))
@@ -105,8 +105,9 @@ def scaled_steps(scale: float) -> dict[str, int]:
 def run_phase(config, workdir: str) -> dict:
     """Trains ``config`` in ``workdir`` (unless it finished before); its final evaluation."""
     results = os.path.join(workdir, "eval_results.json")
-    if not os.path.isdir(os.path.join(workdir, "model")):
-        train.train(config, workdir)
+    if not os.path.isdir(os.path.join(workdir, train.EXPORT_DIR)):
+        with console.third_party_stdout():  # tfds announces the dataset it generates there
+            train.train(config, workdir)
     with open(results, encoding="utf-8") as f:
         return json.load(f)
 
@@ -132,10 +133,14 @@ def markdown(rows: list[dict], num_test: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m altjax.demos.altclip", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m altjax.demos.altclip", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=console.exit_status_help(train.EXIT_CODES))
     parser.add_argument("--workdir", default="altclip-demo", help="where the runs are written (default: %(default)s)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every run's steps (default: %(default)s)")
+    parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = parser.parse_args(argv)
+    console.quiet_third_party(args.verbose)
     try:
         return run(args.workdir, args.scale)
     except train.USER_ERRORS + train.RUN_FAILURES as e:
@@ -165,6 +170,7 @@ def run(workdir: str, scale: float) -> int:
         f.write(text + "\n")
     print(f"\nRetrieval on the scenes test split (1,000 pairs), percent:\n{text}")
     print(f"\ndone in {time.perf_counter() - start:.0f}s: {workdir}/table.md, table.json")
+    print(train.model_line("altclip-demo", os.path.join(workdir, "phase2", train.EXPORT_DIR)))
     return 0
 
 

@@ -1,7 +1,9 @@
 """Evaluation: image-text retrieval recall, zero-shot classification, prompt templates, sharded
 embedding of whole evaluation sets, and the datasets they come from.
 
-Metrics are percentages; the output keys are those of ``eval_results.json`` (DESIGN.md section 3).
+Metrics are percentages, reported beside the counts evaluated (``evaluated_counts``: ``images``,
+and ``classes`` or ``texts``); the output keys are those of ``eval_results.json`` (DESIGN.md
+section 3).
 The command lines ``altjax-eval`` and ``altjax-embed`` live in ``altjax.evaluation.cli``.
 """
 from altjax.evaluation.datasets import (
@@ -20,6 +22,7 @@ from altjax.evaluation.embed import (
     build_classifier,
     evaluate_retrieval,
     evaluate_zeroshot,
+    evaluated_counts,
     evaluation_key,
 )
 from altjax.evaluation.metrics import (
@@ -55,6 +58,7 @@ __all__ = [
     "build_classifier",
     "evaluate_retrieval",
     "evaluate_zeroshot",
+    "evaluated_counts",
     "evaluation_key",
     "RECALL_KS",
     "ranks_against",

@@ -1,9 +1,11 @@
 """Command lines: ``altjax-eval`` (zero-shot / retrieval metrics) and ``altjax-embed`` (embed and search).
 
 ``altjax-eval --checkpoint DIR --task zeroshot|retrieval --dataset NAME`` (clip_benchmark's task names
-zeroshot_classification and zeroshot_retrieval are aliases) prints a table and, with
-``--output FILE.json``, merges ``{"<task>/<dataset>/<lang>": metrics}`` into that file (the format of
-a training workdir's ``eval_results.json``).
+zeroshot_classification and zeroshot_retrieval are aliases) prints a table of the metrics and the
+counts evaluated and, with ``--output FILE.json``, merges ``{"<task>/<dataset>/<lang>": metrics}``
+into that file (the format of a training workdir's ``eval_results.json``), or with
+``--output-format clip_benchmark`` writes the one evaluation as clip_benchmark does
+(:func:`~altjax.evaluation.results.clip_benchmark_result`).
 
 ``altjax-embed --checkpoint DIR [--images FOLDER] [--texts FILE] --out OUTDIR`` writes
 ``image_embeds.npy`` / ``text_embeds.npy`` (L2-normalised float32, one row per image / text line)
@@ -18,7 +20,8 @@ With ``--strict-images`` the first one is an error instead:
 ``<prog>: error: <file>: cannot read image (<reason>)``, exit status 2.
 
 Expected failures (a missing or wrong checkpoint, an unknown or unprepared dataset, an existing
-output) print one ``<prog>: error: ...`` line and exit with status 2.
+output) print one ``<prog>: error: ...`` line and exit with status 2 (:data:`EXIT_CODES`). The
+libraries under altjax keep their INFO and WARNING messages to themselves unless ``--verbose``.
 """
 from __future__ import annotations
 
@@ -32,8 +35,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from altjax import fsutil
-from altjax.evaluation.results import read_results, write_results
+from altjax import console, fsutil, hub
+from altjax.evaluation.results import (check_clip_benchmark_file, clip_benchmark_result, read_results,
+                                       write_clip_benchmark, write_results)
 from altjax.models import registry
 
 INDEX_FILE = "index.json"
@@ -44,6 +48,13 @@ DTYPES = ("float32", "bfloat16")
 SKIPPED_IMAGES = "skipped_images"
 STRICT_IMAGES_HELP = ("an unreadable image (a corrupt file) is an error, exit status 2; by default it is "
                       "skipped, counted and reported")
+CHECKPOINT_HELP = "model directory or Hugging Face Hub id (HF or altjax)"
+EXIT_CODES = {
+    0: "done",
+    1: "an unexpected error: a bug of altjax, reported with a traceback",
+    2: "a mistake in the command, the checkpoint, the dataset, an image (--strict-images) or the output, "
+       "reported in one line",
+}
 
 
 class CommandError(Exception):
@@ -95,12 +106,15 @@ def _is_main_process() -> bool:
 def _cell(value: Any) -> str:
     if isinstance(value, dict) and "count" in value:  # skipped_images: the count
         return str(value["count"])
+    if isinstance(value, int):  # the counts evaluated
+        return str(value)
     return f"{value:.2f}"
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """One aligned row per evaluation, one column per metric (percentages, 2 decimals; the
-    ``skipped_images`` column gives their count)."""
+    """One aligned row per evaluation, one column per metric (percentages, 2 decimals; the counts
+    evaluated, ``images`` and ``classes`` or ``texts``, and the ``skipped_images`` column give
+    numbers of items)."""
     metrics = list(dict.fromkeys(k for values in results.values() for k in values))
     header = ["evaluation", *metrics]
     rows = [[name, *(_cell(values[m]) if m in values else "-" for m in metrics)]
@@ -115,21 +129,50 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 # clip_benchmark's task names, which researchers compare altjax's figures against.
 TASK_ALIASES = {"zeroshot_classification": "zeroshot", "zeroshot_retrieval": "retrieval"}
+OUTPUT_FORMATS = ("altjax", "clip_benchmark")
+
+
+def _eval_epilog() -> str:
+    from altjax.evaluation.datasets import SCENES_NAMES, TFDS_DATASETS
+
+    def datasets(task: str) -> str:
+        return ", ".join([SCENES_NAMES[0], *sorted(n for n, spec in TFDS_DATASETS.items() if spec.task == task)])
+
+    aliases = ", ".join(f"{alias} ({task})" for alias, task in TASK_ALIASES.items())
+    return "\n\n".join([
+        console.help_section("tasks", f"zeroshot (classification: top1, top5, mean_per_class_recall), retrieval "
+                                      f"(R@1/5/10 text->image and image->text, their mean mr); clip_benchmark's "
+                                      f"names: {aliases}"),
+        console.help_section(
+            "datasets",
+            f"zeroshot: {datasets('zeroshot')}, or a folder with one subfolder of images per class; "
+            f"retrieval: {datasets('retrieval')}, or a folder of images with captions.jsonl or captions.tsv. "
+            "'scenes' is altjax's embedded dataset, generated on first use; the tfds datasets must be prepared "
+            "in --data-dir (nothing is downloaded)."),
+        console.help_section(
+            "output",
+            "the table gives percentages and the counts evaluated (images, and classes or texts); --output merges "
+            "{\"<task>/<dataset>/<lang>\": metrics} into a JSON file (a training run's eval_results.json format), "
+            "or with --output-format clip_benchmark writes clip_benchmark's layout: {dataset, model, pretrained, "
+            "task, metrics (fractions: acc1, acc5, mean_per_class_recall or image_retrieval_recall@K, "
+            "text_retrieval_recall@K), language}."),
+        console.exit_status_help(EXIT_CODES),
+    ])
 
 
 def _eval_parser() -> argparse.ArgumentParser:
     from altjax.evaluation.embed import DEFAULT_BATCH_SIZE
 
     parser = argparse.ArgumentParser(
-        prog="altjax-eval",
+        prog="altjax-eval", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_eval_epilog(),
         description="Zero-shot classification or image-text retrieval metrics of an ALIGN, AltCLIP or CLIP checkpoint.",
     )
-    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory (HF or altjax)")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help=CHECKPOINT_HELP)
     parser.add_argument("--task", required=True, choices=("zeroshot", "retrieval", *TASK_ALIASES),
                         help="zeroshot or retrieval (clip_benchmark's zeroshot_classification and "
                              "zeroshot_retrieval are accepted as aliases)")
     parser.add_argument("--dataset", required=True, metavar="NAME",
-                        help="an image folder, 'scenes', or a prepared tfds dataset (coco_captions, cifar10, ...)")
+                        help="an image folder, 'scenes', or a prepared tfds dataset (below)")
     parser.add_argument("--split", help="dataset split (default: its test split)")
     parser.add_argument("--lang", default="en", help="language of captions, class names and templates (en, zh)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="global batch size")
@@ -140,8 +183,12 @@ def _eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classnames", metavar="FILE", help="zero-shot class names, one per line")
     parser.add_argument("--data-dir", help="where the scenes set or tfds datasets are stored")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
-    parser.add_argument("--output", metavar="FILE.json", help="merge the metrics into this JSON file")
+    parser.add_argument("--output", metavar="FILE.json", help="write the metrics to this JSON file (see output)")
+    parser.add_argument("--output-format", choices=OUTPUT_FORMATS, default="altjax",
+                        help="altjax: merge into an eval_results.json-style object (default); clip_benchmark: "
+                             "one evaluation in clip_benchmark's layout, replacing an earlier one")
     parser.add_argument("--strict-images", action="store_true", help=STRICT_IMAGES_HELP)
+    parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     return parser
 
 
@@ -156,33 +203,44 @@ def _warn_skipped(prog: str, skipped, total: int) -> None:
 def _eval(args) -> int:
     args.task = TASK_ALIASES.get(args.task, args.task)
     from altjax.evaluation.datasets import load_dataset, read_class_names
-    from altjax.evaluation.embed import SkippedImages, evaluate_retrieval, evaluate_zeroshot, evaluation_key
+    from altjax.evaluation.embed import (SkippedImages, evaluate_retrieval, evaluate_zeroshot, evaluated_counts,
+                                         evaluation_key)
     from altjax.evaluation.templates import get_templates
 
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be positive, got {args.batch_size}")
     if args.task == "retrieval" and (args.templates or args.classnames):
         raise CommandError("--templates and --classnames apply to --task zeroshot only")
+    if args.output_format == "clip_benchmark" and not args.output:
+        raise CommandError("--output-format clip_benchmark needs --output FILE.json")
     registry.of_directory(args.checkpoint)
-    if args.output:
-        read_results(args.output)  # an unusable output file fails now, not after the evaluation
+    # An unusable output file fails now, not after the evaluation.
+    if args.output and args.output_format == "clip_benchmark":
+        check_clip_benchmark_file(args.output)
+    elif args.output:
+        read_results(args.output)
     templates = get_templates(args.templates) if args.templates else None
     class_names = read_class_names(args.classnames) if args.classnames else None
-    dataset = load_dataset(args.dataset, args.task, split=args.split, lang=args.lang, data_dir=args.data_dir,
-                           class_names=class_names)
-    model, processor, _ = load_checkpoint(args.checkpoint, dtype=args.dtype)
+    with console.third_party_stdout():  # tfds announces a dataset it generates there
+        dataset = load_dataset(args.dataset, args.task, split=args.split, lang=args.lang, data_dir=args.data_dir,
+                               class_names=class_names)
+    model, processor, model_type = load_checkpoint(args.checkpoint, dtype=args.dtype)
     skipped = None if args.strict_images else SkippedImages()
     options = dict(batch_size=args.batch_size, text_length=args.text_length, progress=True, skipped=skipped)
     if args.task == "zeroshot":
         metrics = evaluate_zeroshot(model, processor, dataset, templates=templates, **options)
     else:
         metrics = evaluate_retrieval(model, processor, dataset, **options)
-    metrics = {**metrics, SKIPPED_IMAGES: (skipped or SkippedImages()).as_dict()}
+    metrics = {**metrics, **evaluated_counts(dataset, skipped), SKIPPED_IMAGES: (skipped or SkippedImages()).as_dict()}
     results = {evaluation_key(args.task, dataset.name, dataset.lang): metrics}
     if _is_main_process():
         _warn_skipped("altjax-eval", skipped, len(dataset.images))
         print(format_table(results))
-        if args.output:
+        if args.output and args.output_format == "clip_benchmark":
+            write_clip_benchmark(args.output, clip_benchmark_result(
+                args.task, metrics, dataset=dataset.name, model=model_type, pretrained=args.checkpoint,
+                language=dataset.lang))
+        elif args.output:
             write_results(args.output, results)
     return 0
 
@@ -190,7 +248,9 @@ def _eval(args) -> int:
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     """``altjax-eval``: evaluates a checkpoint on one dataset; returns the exit status."""
     parser = _eval_parser()
-    return _run(parser, _eval, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    console.quiet_third_party(args.verbose)
+    return _run(parser, _eval, args)
 
 
 # --- altjax-embed --------------------------------------------------------------------------------
@@ -281,10 +341,17 @@ def _embed_parser() -> argparse.ArgumentParser:
         description="Embed a folder of images and/or a file of texts (one per line) with an ALIGN, AltCLIP or CLIP "
                     "checkpoint, or search such an index with a text or an image.",
         epilog="build: altjax-embed --checkpoint DIR --images FOLDER --texts FILE --out OUTDIR\n"
-               "search: altjax-embed --index OUTDIR --query 'a photo of a cat' [--top-k 5]",
+               "search: altjax-embed --index OUTDIR --query 'a photo of a cat' [--top-k 5]\n\n"
+               + console.help_section(
+                   "output",
+                   f"OUTDIR receives {IMAGE_EMBEDS_FILE} and {TEXT_EMBEDS_FILE} (L2-normalised float32, one row per "
+                   f"image / text line) and {INDEX_FILE} (the rows' image paths and texts, the model, the dimension, "
+                   "the images skipped as unreadable); a search prints the best matches among both.")
+               + "\n\n" + console.exit_status_help(EXIT_CODES),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--checkpoint", metavar="DIR", help="model directory (with --index: default, the index's model)")
+    parser.add_argument("--checkpoint", metavar="DIR",
+                        help=f"{CHECKPOINT_HELP}; with --index, default: the index's model")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--out", metavar="OUTDIR", help="write a new index here")
     mode.add_argument("--index", metavar="OUTDIR", help="search this index")
@@ -299,6 +366,7 @@ def _embed_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-length", type=int, help="tokens per text (default: the processor's, else 77)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
     parser.add_argument("--strict-images", action="store_true", help=STRICT_IMAGES_HELP)
+    parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     return parser
 
 
@@ -325,7 +393,10 @@ def _build_index(args) -> int:
     model, processor, model_type = load_checkpoint(args.checkpoint, dtype=args.dtype)
     embedder = Embedder(model, processor, batch_size=args.batch_size, text_length=args.text_length, progress=True)
     arrays = {}
-    index: dict[str, Any] = {"format": INDEX_FORMAT, "checkpoint": os.path.abspath(args.checkpoint),
+    # A Hub id stays an id (a later --index search resolves it again); a path is made absolute.
+    checkpoint = args.checkpoint if hub.is_hub_id(args.checkpoint) and not os.path.exists(args.checkpoint) \
+        else os.path.abspath(args.checkpoint)
+    index: dict[str, Any] = {"format": INDEX_FORMAT, "checkpoint": checkpoint,
                              "model_type": model_type, "text_length": embedder.text_length}
     skipped = None
     if images is not None:
@@ -399,5 +470,6 @@ def embed_main(argv: Optional[Sequence[str]] = None) -> int:
     """``altjax-embed``: builds an embedding index, or searches one; returns the exit status."""
     parser = _embed_parser()
     args = parser.parse_args(argv)
+    console.quiet_third_party(args.verbose)
     return _run(parser, _build_index if args.out else _search, args)
 

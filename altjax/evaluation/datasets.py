@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from altjax.data import scenes
 from altjax.evaluation.templates import TEMPLATE_SETS
 
 TASKS = ("zeroshot", "retrieval")
@@ -228,10 +229,9 @@ def image_folder_retrieval(root: str, *, captions: Optional[str] = None, name: O
 
 def _scenes(task: str, split: Optional[str], lang: str, data_dir: Optional[str], name: str):
     try:
-        from altjax.data import scenes
-    except ImportError as e:
-        raise DatasetError(f"the scenes dataset needs altjax.data.scenes, which cannot be imported: {e}") from None
-    data = scenes.load_split(split or DEFAULT_SCENES_SPLIT, data_dir=data_dir, lang=lang)
+        data = scenes.load_split(split or DEFAULT_SCENES_SPLIT, data_dir=data_dir, lang=lang)
+    except ImportError as e:  # tensorflow_datasets, which scenes imports only to prepare or read the set
+        raise DatasetError(f"the scenes dataset needs tensorflow_datasets (pip install tensorflow-datasets): {e}") from None
     images = np.asarray(data["images"])
     if task == "zeroshot":
         return ClassificationSet(name=name, images=images, labels=np.asarray(data["labels"]),

@@ -33,10 +33,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from altjax.console import Progress
 from altjax.evaluation.metrics import retrieval_metrics, zeroshot_metrics
 from altjax.evaluation.templates import TEMPLATE_SETS, check_templates, fill_template
 from altjax.evaluation.zeroshot import zeroshot_classifier
-from altjax.progress import Progress
 from altjax.sharding import batch_size_divisor, make_mesh, process_batch_rows, shard_batch
 
 DEFAULT_BATCH_SIZE = 256
@@ -197,7 +197,7 @@ class Embedder:
         self.text_length = int(text_length or defaults.get("max_length") or DEFAULT_TEXT_LENGTH)
         if limit is not None:
             self.text_length = min(self.text_length, limit)
-        self.progress = progress and jax.process_index() == 0
+        self.progress = progress
         graphdef, state = nnx.split(model)
         self._graphdef = graphdef
         self._state = _place_state(state, self.mesh)
@@ -265,8 +265,6 @@ class Embedder:
         batch = min(self.batch_size, -(-n // divisor) * divisor)
         rows = process_batch_rows(self.mesh, batch)
         fn = functools.partial(_embed_batch, graphdef=self._graphdef, tower=tower, mesh=self.mesh)
-        # Only runs of several batches report progress.
-        progress = Progress(n, f"embedding {what}", unit=what, enabled=self.progress and n > batch)
         out: Optional[np.ndarray] = None
         valid = np.ones(n, bool)
         pending = None
@@ -278,9 +276,6 @@ class Embedder:
                 result, read = result
                 valid[start:start + count] = np.asarray(read.addressable_data(0))[:count]
                 if fail is not None and not valid[start:start + count].all():
-                    if progress.enabled and progress.count and getattr(progress, "_tty", False):
-                        progress.stream.write("\n")  # the error goes on a line of its own
-                    progress.enabled = False
                     fail(start + int(np.argmin(valid[start:start + count])))
             result = np.asarray(result.addressable_data(0))
             if out is None:
@@ -288,16 +283,18 @@ class Embedder:
             out[start:start + count] = result[:count]
             progress.update(count)
 
-        for start in range(0, n, batch):
-            # Rows past the end repeat the last item: valid inputs whose outputs are dropped.
-            indices = np.minimum(np.arange(start + rows.start, start + rows.stop), n - 1)
-            result = fn(self._state, shard_batch(load(indices), self.mesh))
-            # The device works on this batch while the host loads the next one.
-            if pending is not None:
-                collect(*pending)
-            pending = (start, result)
-        collect(*pending)
-        progress.close()
+        # Only runs of several batches report progress. Leaving the block ends the bar's line, so
+        # an error from fail() is printed on a line of its own.
+        with Progress(n, f"embedding {what}", unit=what, enabled=self.progress and n > batch) as progress:
+            for start in range(0, n, batch):
+                # Rows past the end repeat the last item: valid inputs whose outputs are dropped.
+                indices = np.minimum(np.arange(start + rows.start, start + rows.stop), n - 1)
+                result = fn(self._state, shard_batch(load(indices), self.mesh))
+                # The device works on this batch while the host loads the next one.
+                if pending is not None:
+                    collect(*pending)
+                pending = (start, result)
+            collect(*pending)
         return out, valid
 
 
@@ -376,6 +373,16 @@ def evaluate_retrieval(model: nnx.Module, processor: Any, dataset, *, mesh: Opti
     new_ids = np.cumsum(keep) - 1  # old image index -> index among the images kept
     text_embeds = embedder.embed_texts([t for t, k in zip(dataset.texts, texts) if k])
     return retrieval_metrics(image_embeds[keep], text_embeds, new_ids[ids[texts]], mesh=local_mesh(embedder.mesh))
+
+
+def evaluated_counts(dataset, skipped: Optional[SkippedImages] = None) -> dict[str, int]:
+    """What an evaluation of ``dataset`` counted, shown beside its metrics: the ``images`` read
+    (all but those in ``skipped``), and the ``classes`` of a ``ClassificationSet`` or the
+    ``texts`` of a ``RetrievalSet`` (the captions of the images read)."""
+    keep = _readable(dataset, skipped)
+    if hasattr(dataset, "class_names"):
+        return {"images": int(keep.sum()), "classes": len(dataset.class_names)}
+    return {"images": int(keep.sum()), "texts": int(keep[np.asarray(dataset.text_image_ids)].sum())}
 
 
 def evaluation_key(task: str, dataset: str, lang: str) -> str:

@@ -28,12 +28,13 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from etils import epath
 
-from altjax import fsutil
+from altjax import fsutil, hub
 from altjax.model_io.safetensors_io import read_metadata
+from altjax.processing import PROCESSOR_FILES
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -41,19 +42,6 @@ SAFE_INDEX_NAME = "model.safetensors.index.json"
 BIN_WEIGHTS_NAME = "pytorch_model.bin"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 ALTJAX_PARAMS_DIR = "params"
-# Tokenizer and image-processor files a model directory may carry; copied along with the weights.
-PROCESSOR_FILES = (
-    "preprocessor_config.json",
-    "processor_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "sentencepiece.bpe.model",
-    "vocab.json",
-    "merges.txt",
-)
 # Written into the header metadata of every safetensors file altjax writes (transformers reads only
 # "format"), so that --overwrite can tell an HF directory altjax wrote from anyone else's.
 WRITER_METADATA = {"format": "pt", "writer": "altjax"}
@@ -67,12 +55,45 @@ class CheckpointError(ValueError):
     """A checkpoint directory or file is missing, unreadable or of the wrong kind."""
 
 
+# --- Hub ids --------------------------------------------------------------------------------------
+
+# The weights of a Hub repo that are fetched, first kind present wins (as ``open_weights`` reads
+# them): a repo often holds the same weights as safetensors and as pytorch_model.bin.
+HUB_WEIGHTS = (
+    (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, SHARD_NAME),
+    (BIN_WEIGHTS_NAME, BIN_INDEX_NAME, re.compile(r"pytorch_model-\d{5}-of-\d{5}\.bin")),
+)
+
+
+def hub_model_files(files: Sequence[str]) -> list[str]:
+    """The files of a Hub repo's listing that altjax reads: ``config.json``, one kind of weights
+    (safetensors, else .bin; or an altjax directory's ``params/``) and the processor files."""
+    wanted = [f for f in files if f == CONFIG_NAME or f in PROCESSOR_FILES]
+    for single, index, shard in HUB_WEIGHTS:
+        weights = [f for f in files if f in (single, index) or shard.fullmatch(f)]
+        if weights:
+            return wanted + weights
+    return wanted + [f for f in files if f.startswith(ALTJAX_PARAMS_DIR + "/")]
+
+
+def model_dir(name_or_path: str | os.PathLike, *, revision: Optional[str] = None,
+              cache_dir: Optional[str | os.PathLike] = None) -> str:
+    """The local model directory of ``name_or_path``: itself, or the snapshot of a Hugging Face Hub
+    id (``org/name``) in the Hub cache (``altjax.hub``); ``CheckpointError`` when an id cannot be
+    had (unknown, gated, not cached offline)."""
+    try:
+        return hub.resolve(name_or_path, select=hub_model_files, markers=(CONFIG_NAME,), revision=revision,
+                           cache_dir=cache_dir, what="model")
+    except hub.HubError as e:
+        raise CheckpointError(str(e)) from None
+
+
 # --- config.json ----------------------------------------------------------------------------------
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``config.json`` of an HF (or altjax) model directory, as a dict."""
-    path = os.fspath(path)
+    """The ``config.json`` of an HF (or altjax) model directory or of a Hub id (``model_dir``), as a dict."""
+    path = model_dir(path)
     file = os.path.join(path, CONFIG_NAME)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")

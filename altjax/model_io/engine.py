@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from altjax.progress import Progress
+from altjax.console import Progress
 
 # Layout changes, as (PyTorch -> NNX, NNX -> PyTorch).
 LAYOUTS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]] = {

@@ -26,7 +26,7 @@ from altjax.model_io.directories import (
     write_json,
 )
 from altjax.model_io.safetensors_io import SafetensorsError, SafetensorsReader, write_safetensors
-from altjax.progress import Progress
+from altjax.console import Progress
 
 # transformers 5's default: one file up to 50 GB.
 DEFAULT_MAX_SHARD_SIZE = "50GB"
@@ -216,7 +216,7 @@ def write_hf_weights(folder: str, tensors: Mapping[str, np.ndarray], *, max_shar
         def dtype(self, k):
             return tensors.dtype(k)
 
-    with Progress(sum(sizes.values()), "writing safetensors", unit="MB", scale=1e6, enabled=progress) as bar:
+    with Progress(sum(sizes.values()), "writing safetensors", unit="B", unit_scale=True, enabled=progress) as bar:
         for name, shard in zip(names, shards):
             write_safetensors(os.path.join(folder, name), Counted(), shard, metadata=WRITER_METADATA)
     if len(shards) > 1:

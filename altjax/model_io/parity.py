@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from altjax.model_io.directories import CheckpointError
+from altjax.processing import IMAGE_CONFIG_NAME, PROCESSOR_CONFIG_NAME, image_settings
 
 # The outputs compared: both normalised embeddings and the image-text logits.
 OUTPUTS = ("image_embeds", "text_embeds", "logits_per_image")
@@ -81,20 +82,37 @@ def _load_images(paths: Sequence[str]) -> list[Any]:
     return images
 
 
+def has_processor(processor_dir: Optional[str]) -> bool:
+    """Whether ``processor_dir`` holds image-processor settings (``processor_config.json`` with an
+    ``image_processor`` entry, as transformers 5 writes, or ``preprocessor_config.json``): the
+    files that make it a processor's directory, with its tokenizer."""
+    return processor_dir is not None and os.path.isdir(processor_dir) and image_settings(processor_dir) is not None
+
+
+def describe_inputs(processor_class: type, processor_dir: Optional[str], *, images: Sequence[str] = (),
+                    texts: Sequence[str] = (), batch: int = 3) -> str:
+    """What :func:`check_inputs` feeds the models, in words, for the user to see."""
+    if not has_processor(processor_dir):
+        return (f"random token ids and normal noise as pixel values ({batch} pairs; {processor_dir} holds neither "
+                f"{PROCESSOR_CONFIG_NAME} nor {IMAGE_CONFIG_NAME})")
+    shown_images = f"{len(images)} of your images" if images else f"{batch} synthetic images"
+    shown_texts = f"{len(texts)} of your texts" if texts else f"{len(DEFAULT_TEXTS)} fixed captions"
+    return f"{shown_images} and {shown_texts} through the directory's {processor_class.__name__} ({processor_dir})"
+
+
 def check_inputs(config: Any, processor_class: type, processor_dir: Optional[str], *, images: Sequence[str] = (),
                  texts: Sequence[str] = (), batch: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
     """The batch to compare on: NHWC ``pixel_values`` and token ids (+ masks).
 
-    With a processor in ``processor_dir`` (a tokenizer and ``preprocessor_config.json``, loaded with
-    ``processor_class.from_pretrained``), the user's
-    ``images`` (paths) and ``texts`` go through it, defaulting to synthetic images and a few fixed
-    captions; without one, the batch is synthetic: normal pixel values at the model's image size and
-    random token ids with ragged padding.
+    With a processor in ``processor_dir`` (a tokenizer and image settings, :func:`has_processor`;
+    loaded with ``processor_class.from_pretrained``), the user's ``images`` (paths) and ``texts``
+    go through it, defaulting to synthetic images and a few fixed captions; without one, the batch
+    is synthetic: normal pixel values at the model's image size and random token ids with ragged
+    padding.
     """
     rng = np.random.default_rng(seed)
     vision, text = config.vision_config, config.text_config
-    has_processor = processor_dir is not None and os.path.isfile(os.path.join(processor_dir, "preprocessor_config.json"))
-    if has_processor:
+    if has_processor(processor_dir):
         processor = processor_class.from_pretrained(processor_dir)
         pil = _load_images(images) if images else [
             rng.integers(0, 256, (vision.image_size + 7 * i, vision.image_size + 5, 3), dtype=np.uint8) for i in range(batch)]
@@ -104,8 +122,8 @@ def check_inputs(config: Any, processor_class: type, processor_dir: Optional[str
                                   f"beyond the model's vocab_size {text.vocab_size}")
         return inputs
     if images or texts:
-        raise CheckpointError(f"{processor_dir}: --images/--texts need a processor (tokenizer and "
-                              "preprocessor_config.json) in the source directory")
+        raise CheckpointError(f"{processor_dir}: --images/--texts need a processor (a tokenizer and "
+                              f"{PROCESSOR_CONFIG_NAME} or {IMAGE_CONFIG_NAME}) in the source directory")
     length = min(16, text.max_position_embeddings - 4)
     pad = text.pad_token_id if text.pad_token_id is not None else 0
     # Ids of no special token: BERT's and XLM-R's are among the first four, CLIP's are its last ids.

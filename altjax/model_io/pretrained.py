@@ -26,6 +26,7 @@ from altjax.model_io.directories import (
     check_model_type,
     copy_processor_files,
     is_altjax_dir,
+    model_dir,
     read_config,
     write_json,
 )
@@ -113,10 +114,15 @@ class PretrainedModel:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, seed: int = 0, mesh=None, rules=None,
-                        scan_layers: Optional[bool] = None, progress: bool = False):
+                        scan_layers: Optional[bool] = None, progress: bool = False, revision: Optional[str] = None,
+                        cache_dir: Optional[str | os.PathLike] = None):
         """Loads an HF directory (``config.json`` + safetensors, sharded safetensors or
         ``pytorch_model.bin``; torch is needed only for ``.bin``) or an altjax directory
-        (``save_pretrained``), without initialising random weights first.
+        (``save_pretrained``), without initialising random weights first. ``path`` may also be a
+        Hugging Face Hub id (``org/name``) that is not a local path: its config, weights and
+        processor files are fetched into the Hub cache (or found there offline, ``HF_HUB_OFFLINE``),
+        at ``revision`` (default ``main``) and in ``cache_dir`` (default the Hub cache), see
+        ``altjax.hub``.
 
         ``dtype`` is the compute dtype (parameters stay float32); ``seed`` seeds the dropout
         streams. The model is built abstractly and filled one tensor at a time; with a ``mesh``
@@ -127,10 +133,11 @@ class PretrainedModel:
         either directory (a layout change goes through the model's table and reads an altjax
         directory's parameters onto the host first). Every key spelling the
         model's table accepts loads, and stale non-persistent buffers of older checkpoints are
-        ignored. Raises ``CheckpointError`` when the directory is not one of this model and
+        ignored. Raises ``CheckpointError`` when the directory is not one of this model (or a Hub id
+        cannot be had) and
         ``ConversionError`` naming every missing, unexpected or misshapen tensor.
         """
-        path = os.fspath(path)
+        path = model_dir(path, revision=revision, cache_dir=cache_dir)
         config_dict = read_config(path)
         check_model_type(config_dict, (cls.model_type, *cls.also_reads), path)
         try:

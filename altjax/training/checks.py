@@ -19,10 +19,11 @@ from typing import Any, Optional
 
 import jax
 
-from altjax import losses, sharding
+from altjax import hub, losses, sharding
 from altjax.data.preprocess import AUGMENTATIONS
 from altjax.evaluation.datasets import SCENES_NAMES, TASKS, TFDS_DATASETS
 from altjax.model_io import directories
+from altjax.processing import load_tokenizer, processor_dir
 from altjax.training import optim
 
 SCENES_LANGS = ("en", "zh")
@@ -122,12 +123,20 @@ class Checker:
         if self.problems:
             raise ConfigError("; ".join(self.problems))
 
-    def directory(self, key: str, *, want: str) -> Optional[str]:
-        """``key`` names an existing directory holding ``want`` (a file name), or is empty."""
+    def directory(self, key: str, *, want: str, resolve=None) -> Optional[str]:
+        """``key`` names an existing directory holding ``want`` (a file name), or is empty.
+        ``resolve`` (such as ``directories.model_dir``, which fetches a Hub id into the Hub cache)
+        turns the name into the directory first; its ``ValueError`` is the key's problem."""
         path = self.string(key)
         if not path:
             return None
         path = os.path.expanduser(path)
+        if resolve is not None:
+            try:
+                path = resolve(path)
+            except ValueError as e:
+                self.fail(key, str(e))
+                return None
         if not os.path.isdir(path):
             self.fail(key, f"{path} is not a directory")
             return None
@@ -141,8 +150,10 @@ _MISSING = object()
 
 
 def check_model_dir(c: Checker, key: str, expected: str) -> None:
-    """``key`` is empty or names a model directory of ``model_type`` ``expected``."""
-    path = c.directory(key, want="config.json")
+    """``key`` is empty or names a model directory of ``model_type`` ``expected``, or a Hugging
+    Face Hub id of one (fetched into the Hub cache now: the run reads it anyway, and a missing
+    id or an offline cache without it is then found before anything is built)."""
+    path = c.directory(key, want="config.json", resolve=directories.model_dir)
     if path is None:
         return
     try:
@@ -205,8 +216,9 @@ def check_model(c: Checker, *, model_type: str, presets, config_class) -> None:
 
 
 def check_tokenizer(c: Checker, key: str, built) -> Optional[str]:
-    """``key`` is one of the tokenizers altjax ``built`` from the scenes captions, or a directory;
-    empty is allowed where ``model.init_from`` gives one."""
+    """``key`` is one of the tokenizers altjax ``built`` from the scenes captions, a directory or a
+    Hugging Face Hub id (``org/name``, fetched when the tokenizer is loaded); empty is allowed
+    where ``model.init_from`` gives one."""
     tokenizer = c.string(key)
     if tokenizer is None or tokenizer in built:
         return tokenizer
@@ -214,9 +226,16 @@ def check_tokenizer(c: Checker, key: str, built) -> Optional[str]:
         if not c.get("model.init_from"):
             c.fail(key, f"empty and model.init_from is empty: give {' or '.join(repr(t) for t in built)} or a "
                    "tokenizer directory")
-    elif not os.path.isdir(os.path.expanduser(tokenizer)):
-        c.fail(key, f"{tokenizer!r} is neither a directory nor one of {', '.join(repr(t) for t in built)}")
+    elif not is_tokenizer_name(tokenizer):
+        c.fail(key, f"{tokenizer!r} is neither a directory, a Hub id (org/name) nor one of "
+               f"{', '.join(repr(t) for t in built)}")
     return tokenizer
+
+
+def is_tokenizer_name(name: str) -> bool:
+    """Whether ``name`` can name a pretrained tokenizer: an existing directory or a Hub id."""
+    path = os.path.expanduser(name)
+    return os.path.isdir(path) or (not os.path.exists(path) and hub.is_hub_id(name))
 
 
 def check_source(c: Checker, sources=SOURCES) -> Optional[str]:
@@ -341,6 +360,8 @@ def check_common(c: Checker) -> list[str]:
     c.integer("warn_chance_steps", 0)
     c.string("compilation_cache_dir")
     c.number("peer_timeout_s", low=0.0)
+    c.integer("profile.start_step", 0)
+    c.integer("profile.num_steps", 1)
     c.boolean("async_checkpoints")
     c.boolean("remat")
     policy = c.string("remat_policy")
@@ -364,12 +385,15 @@ def check_common(c: Checker) -> list[str]:
 
 
 def pretrained_tokenizer(name: str, key: str):
-    """``AutoTokenizer.from_pretrained(name)``, or ConfigError naming ``key`` when ``name`` holds no
-    tokenizer transformers can load (the check needs the load itself)."""
-    from transformers import AutoTokenizer
-
+    """The tokenizer of ``name`` (a directory, or a Hub id whose processor files are
+    fetched into the Hub cache), or ConfigError naming ``key`` when ``name`` holds no tokenizer
+    transformers can load (the check needs the load itself) or the Hub id cannot be had."""
     try:
-        return AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        directory = processor_dir(os.path.expanduser(name))
+    except hub.HubError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    try:
+        return load_tokenizer(directory)
     except (OSError, ValueError, TypeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{key}: {name} holds no tokenizer transformers can load ({first[:200]})") from None

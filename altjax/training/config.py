@@ -9,6 +9,11 @@ recipe shipped with altjax (``configs/``, named without directory or ``.py``: ``
 Each override ``a.b=value`` replaces one existing entry; the value is read as the type of the
 entry it replaces (``true``/``false`` for booleans, a Python literal for tuples, lists and dicts,
 the text itself for strings; an entry that is None takes a Python literal, else the text).
+
+Profiling, off in every recipe: ``config.profile.start_step`` is the first step of a ``jax.profiler``
+trace (numbered as the logs number steps; 0: no trace) and ``config.profile.num_steps`` how many
+steps it covers; process 0 writes it to ``<workdir>/profile`` for TensorBoard's Profile tab
+(:mod:`altjax.training.profiler`).
 """
 from __future__ import annotations
 

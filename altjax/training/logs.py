@@ -1,8 +1,7 @@
-"""A run's logs: ``metrics.jsonl`` and ``evals.jsonl`` (one JSON object per step), and its console lines."""
+"""A run's logs: ``metrics.jsonl`` and ``evals.jsonl`` (one JSON object per step)."""
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any, Optional
 
 from etils import epath
@@ -65,8 +64,3 @@ def read_evals(workdir: str) -> list[dict[str, Any]]:
     """Every evaluation of a run, in step order: ``[{"step": 0, "retrieval/scenes/en": {...}}, ...]``."""
     return read_metrics(workdir, "evals.jsonl")
 
-
-def console(line: str) -> None:
-    # Clears a progress line being redrawn in place on a terminal before printing.
-    sys.stderr.write(("\r\033[K" if sys.stderr.isatty() else "") + line + "\n")
-    sys.stderr.flush()

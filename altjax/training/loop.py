@@ -63,24 +63,25 @@ from jax.experimental import multihost_utils
 
 from altjax import fsutil, sharding
 from altjax import workdir as workdirs
+from altjax.console import Progress, echo
 from altjax.data import scenes
 from altjax.evaluation import (ClassificationSet, RetrievalSet, SkippedImages, evaluate_retrieval, evaluate_zeroshot,
-                               evaluation_key)
+                               evaluated_counts, evaluation_key)
 from altjax.evaluation import load_dataset
 from altjax.evaluation.datasets import DatasetError
 from altjax.evaluation.results import write_results
 from altjax.model_io import directories
 from altjax.model_io.directories import CheckpointError
 from altjax.models import stack
-from altjax.progress import Progress
 from altjax.stop_signals import EXIT_STATUS, StopSignals
 from altjax.tensorboard import EventWriter
 from altjax.training import compile_cache, optim, peers, tasks
 from altjax.training.checkpoints import Checkpointer, IncompatibleCheckpoint, NoUsableCheckpoint
 from altjax.training.checks import ConfigError
 from altjax.training.config import validate
-from altjax.training.logs import MetricsLog, console, read_metrics
+from altjax.training.logs import MetricsLog, read_metrics
 from altjax.training.objectives import attach_logit_bias, detach_logit_bias
+from altjax.training.profiler import StepProfiler
 from altjax.training.step import init_state, make_train_step, process_batch_positions
 
 log = logging.getLogger("altjax.train")
@@ -125,7 +126,8 @@ def evaluation_sets(config) -> dict[str, Any]:
 
 
 def evaluate(model, processor, sets: dict[str, Any], *, mesh, batch_size: int, text_length: int) -> dict:
-    """Runs every evaluation of ``sets`` on ``model``; ``{key: metrics}`` in percent. Images that
+    """Runs every evaluation of ``sets`` on ``model``; ``{key: metrics}`` in percent, with the counts
+    evaluated (:func:`~altjax.evaluation.evaluated_counts`). Images that
     cannot be read are left out, as altjax-eval does: a warning names them and the metrics of that
     evaluation gain ``skipped_images`` (their count), so a damaged evaluation set cannot pass for
     an intact one."""
@@ -135,6 +137,7 @@ def evaluate(model, processor, sets: dict[str, Any], *, mesh, batch_size: int, t
         skipped = SkippedImages()
         results[key] = fn(model, processor, dataset, mesh=mesh, batch_size=batch_size, text_length=text_length,
                           skipped=skipped)
+        results[key].update(evaluated_counts(dataset, skipped))
         if skipped.count:
             log.warning("%s: skipped %d of %d images that cannot be read: %s", key, skipped.count,
                         len(dataset.images), "; ".join(skipped.examples))
@@ -242,9 +245,10 @@ def _publish(staging: str, target: str) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) ``config`` in ``workdir``; returns ``{"step", "metrics", "eval",
-    "eval_start"}``: the last step, its logged metrics, the last evaluation and the one before
-    training (``config.eval.at_start``, on a fresh run). Raises ConfigError or WorkdirError (a
-    user's mistake: nothing was written), TrainingDiverged on a non-finite loss, and
+    "eval_start", "model"}``: the last step, its logged metrics, the last evaluation, the one before
+    training (``config.eval.at_start``, on a fresh run) and the exported model's directory
+    (``workdir/model``). Raises ConfigError or WorkdirError (a user's mistake: nothing was
+    written), TrainingDiverged on a non-finite loss, and
     CheckpointSaveFailed when a save fails; exits the process with :data:`SIGINT_EXIT` /
     :data:`SIGTERM_EXIT` after saving when SIGINT / SIGTERM arrives."""
     workdir = workdirs.absolute(workdir)
@@ -345,6 +349,7 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
     eval_log = MetricsLog(os.path.join(workdir, "evals.jsonl"), primary)
     writer = None
     progress = None
+    profiler = StepProfiler.from_config(config, workdir)
     checkpoint_closed = False
     try:
         step = 0
@@ -354,7 +359,7 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
             pipeline.set_state(resume_data_state(saved_data, pipeline.get_state(), batch_size,
                                                  checkpointer.directory, step))
             if primary:
-                console(f"resumed from {checkpointer.directory}/{step}")
+                echo(f"resumed from {checkpointer.directory}/{step}")
         # The run is built and its checkpoint (if any) fits: now its record is written.
         if primary:
             workdirs.write_text_atomic(os.path.join(workdir, workdirs.CONFIG_FILE),
@@ -377,7 +382,7 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
                     for name, value in values.items():
                         writer.add_scalar(f"eval/{key}/{name}", value, at)
                 writer.flush()
-                console(f"step {at}: " + ", ".join(f"{k} {_headline(v)}" for k, v in results.items()))
+                echo(f"step {at}: " + ", ".join(f"{k} {_headline(v)}" for k, v in results.items()))
             return results
 
         def data_state() -> dict:
@@ -394,13 +399,13 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
             return {**mine, "skipped": int(rows[:, 2].sum())}
 
         def acknowledge(signum: int) -> None:
-            console(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (send it again "
-                     "to exit at once without saving)")
+            echo(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (send it again "
+                 "to exit at once without saving)")
 
         def abandon(signum: int) -> None:
             steps = checkpointer.steps()
-            console(f"{signal.Signals(signum).name} again: exiting without saving; the last checkpoint is "
-                     f"{steps[-1] if steps else 'none'} in {checkpointer.directory}")
+            echo(f"{signal.Signals(signum).name} again: exiting without saving; the last checkpoint is "
+                 f"{steps[-1] if steps else 'none'} in {checkpointer.directory}")
             # Orbax's writer threads fail noisily as their directory disappears under them; the
             # process is ending, so what they print would only bury the line above.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
@@ -419,25 +424,27 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
                 checkpointer.wait()
                 name = signal.Signals(stop.requested).name
                 if at > start_step:
-                    console(f"{name}: saved step {at} to {checkpointer.directory}; exiting")
+                    echo(f"{name}: saved step {at} to {checkpointer.directory}; exiting")
                 else:
-                    console(f"{name}: nothing trained since step {at}; exiting")
+                    echo(f"{name}: nothing trained since step {at}; exiting")
                 sys.exit(EXIT_STATUS[stop.requested])
 
             start_step = step
             if config.eval.at_start and sets and step == 0:
                 eval_start = run_eval(0)
-            # The console is process 0's, as the files are: a pod's hosts would print every line alike.
-            if primary:
-                progress = Progress(total, "training", unit="steps")
-                progress.count = step
+            # The bar is process 0's, as the files are (Progress); a finished run has none, and a
+            # resumed one counts the steps before it toward the total but not toward the rate.
+            if step < total:
+                progress = Progress(total, "training", unit="steps", initial=step)
             last, last_time, last_metrics = step, time.perf_counter(), {}
             while step < total:
                 if stop.requested and jax.process_count() == 1:
                     stop_now(step)
+                profiler.before_step(step + 1)
                 batch = sharding.shard_batch(next(pipeline), mesh)
                 state, metrics = step_fn(state, batch)
                 step += 1
+                profiler.after_step(step, state)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm", "update_norm")):
                     raise TrainingDiverged(
@@ -447,8 +454,7 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
                         f"{checkpointer.directory}")
                 # A save that failed in the background stops the run now, not one interval later.
                 checkpointer.check()
-                if progress is not None:
-                    progress.update(1)
+                progress.update(1)
                 if jax.process_count() > 1:
                     # Every process must stop at the same step: a signal may reach them at different steps.
                     signals = np.asarray(multihost_utils.process_allgather(np.asarray(stop.requested or 0)))
@@ -474,8 +480,8 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
                     extra = "".join(f"{name} {metrics[name]:.4f}, " for name in ("temperature", "logit_bias", "cosine")
                                     if name in metrics)
                     if primary:
-                        console(f"step {step}/{total}: loss {metrics['loss']:.4f}, lr {metrics['learning_rate']:.3g}, "
-                                f"{extra}{last_metrics['examples_per_sec']:.1f} examples/s, skipped {skipped}")
+                        echo(f"step {step}/{total}: loss {metrics['loss']:.4f}, lr {metrics['learning_rate']:.3g}, "
+                             f"{extra}{last_metrics['examples_per_sec']:.1f} examples/s, skipped {skipped}")
                 if step % int(config.checkpoint_every) == 0 or step == total:
                     checkpointer.save(step, state, data_state())
                 if stop.requested:
@@ -507,6 +513,7 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
             checkpointer.close()
             checkpoint_closed = True
     finally:
+        profiler.close()
         if progress is not None:
             progress.close()
         pipeline.close()
@@ -516,7 +523,8 @@ def _train(config, workdir: str, claim: _Claim, staging: str) -> dict[str, Any]:
                 checkpointer.close()
         if writer is not None:
             writer.close()
-    return {"step": step, "metrics": last_metrics, "eval": eval_results, "eval_start": eval_start}
+    return {"step": step, "metrics": last_metrics, "eval": eval_results, "eval_start": eval_start,
+            "model": os.path.join(workdir, EXPORT_DIR)}
 
 
 class ChanceWatch:

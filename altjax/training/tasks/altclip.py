@@ -25,7 +25,8 @@ teacher CLIP's (AltCLIP keeps CLIP's image tower), and in phase 1 nothing but th
 tower trains (its recipe freezes the rest, see ``configs/altclip_distill.py``).
 
 Tokenizers: ``config.data.tokenizer`` (student / the model's) and ``config.distill.teacher_tokenizer``
-name a tokenizer directory, or build one from the scenes captions: ``"scenes-clip"`` (a word-level
+name a tokenizer directory or a Hugging Face Hub id (``org/name``; the teacher, ``distill.teacher``,
+may be one too), or build one from the scenes captions: ``"scenes-clip"`` (a word-level
 English tokenizer laid out like CLIP's, for the ``clip-tiny`` preset: Chinese is unknown to it) and
 ``"scenes-xlmr"`` (an XLM-R Unigram tokenizer covering the English words and the Chinese characters).
 """
@@ -37,7 +38,6 @@ import os
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from transformers import AutoTokenizer
 
 from altjax import sharding
 from altjax.model_io.engine import Table, load_params, model_shapes, torch_to_nnx
@@ -47,6 +47,7 @@ from altjax.data.preprocess import TextField
 from altjax.data.tokenizers import scenes_clip_tokenizer
 from altjax.models import altclip, bert, clip, xlm_roberta
 from altjax.models.clip_text import CLIPTextTeacher
+from altjax.processing import load_tokenizer
 from altjax.training import checks, objectives
 from altjax.training.tasks import clip as clip_task
 from altjax.training.tasks.base import Task
@@ -74,8 +75,8 @@ def check_distill(c: checks.Checker) -> None:
     else:
         checks.check_model_dir(c, "distill.teacher", clip.MODEL_TYPE)
     name = c.string("distill.teacher_tokenizer")
-    if name and name not in clip_task.BUILT_TOKENIZERS and not os.path.isdir(os.path.expanduser(name)):
-        c.fail("distill.teacher_tokenizer", f"{name!r} is neither a directory nor one of "
+    if name and name not in clip_task.BUILT_TOKENIZERS and not checks.is_tokenizer_name(name):
+        c.fail("distill.teacher_tokenizer", f"{name!r} is neither a directory, a Hub id (org/name) nor one of "
                f"{', '.join(repr(t) for t in clip_task.BUILT_TOKENIZERS)}")
 
 
@@ -209,7 +210,7 @@ def student(model: DistillModel) -> nnx.Module:
 def distill_pipeline(config, processor, directory: str, rows) -> parallel.ParallelTextPipeline:
     """This process's ``rows`` of every global batch of parallel text: the teacher's tokens of
     sentence A, the student's of sentence B."""
-    teacher = AutoTokenizer.from_pretrained(os.path.join(directory, TEACHER_TOKENIZER_DIR))
+    teacher = load_tokenizer(os.path.join(directory, TEACHER_TOKENIZER_DIR))
     return parallel.ParallelTextPipeline(
         parallel.pairs_from_config(config.data), batch_size=int(config.batch_size), rows=rows,
         teacher=TextField(teacher, max_length=int(config.distill.teacher_max_length)),
