@@ -9,11 +9,13 @@ import json
 import os
 import types
 
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 from PIL import Image
+from flax import nnx
 import huggingface_hub
 from huggingface_hub import constants
 from huggingface_hub.errors import RepositoryNotFoundError
@@ -22,10 +24,13 @@ import skimage.data
 from altjax import hub
 from altjax.model_io.directories import CheckpointError
 from altjax.models.align import AlignModel
-from altjax.models.altclip import AltCLIPModel
+from altjax.model_io import directories
+from altjax.models.altclip import AltCLIPConfig, AltCLIPModel
+from altjax.models.xlm_roberta import XLMRobertaConfig
 from altjax.processing import AlignProcessor, AltCLIPProcessor
 from altjax.evaluation.cli import embed_main, load_checkpoint
 from altjax.training import checks
+from altjax.training.tasks import altclip as altclip_task
 from altjax_convert.cli import main
 from helpers import assert_close, cache_repo, tiny_hf_dir, torch_inputs
 
@@ -247,3 +252,29 @@ def test_an_index_built_from_a_hub_id_is_searched_through_it(offline, tmp_path, 
     captured = capsys.readouterr()
     assert status == 0 and ("a photo of a cat" in captured.out or "a cup of coffee" in captured.out), \
         f"search exit {status}:\n{captured.out}\n{captured.err}"
+
+
+def test_xlm_roberta_weights_from_a_hub_id(offline, tmp_path):
+    """``model.text_init_from`` (AltCLIP phase 1's XLM-R weights) takes a Hub id: the key is
+    checked against the cache, and the weights load as from the local directory."""
+    transformers.XLMRobertaModel(transformers.XLMRobertaConfig(
+        vocab_size=200, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=24, type_vocab_size=1)).save_pretrained(tmp_path / "xlmr")
+    cache_repo(offline, "org/tiny-xlmr", tmp_path / "xlmr", MAIN)
+    c = checks.Checker({"model": {"text_init_from": "org/tiny-xlmr"}})
+    c.directory("model.text_init_from", want="config.json", resolve=directories.model_dir)
+    assert not c.problems, c.problems
+
+    def student():
+        return AltCLIPModel(AltCLIPConfig(
+            text_config=XLMRobertaConfig(vocab_size=200, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=24, project_dim=8),
+            vision_config=AltCLIPConfig.from_preset("altclip-tiny").vision_config, projection_dim=8),
+            rngs=nnx.Rngs(0))
+
+    from_id, from_dir = student(), student()
+    altclip_task.load_xlm_roberta(from_id, "org/tiny-xlmr")
+    altclip_task.load_xlm_roberta(from_dir, str(tmp_path / "xlmr"))
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(from_id.text_model.roberta, nnx.Param)),
+                                 jax.tree_util.tree_leaves_with_path(nnx.state(from_dir.text_model.roberta, nnx.Param))):
+        assert_close(a, b, atol=0.0, what=f"text_model.roberta{jax.tree_util.keystr(path)} from the Hub id")

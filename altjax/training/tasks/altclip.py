@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from altjax import sharding
+from altjax.model_io import directories
 from altjax.model_io.engine import Table, load_params, model_shapes, torch_to_nnx
 from altjax.model_io.hf_weights import open_weights
 from altjax.data import parallel
@@ -60,7 +61,7 @@ TEACHER_TOKENIZER_DIR = "teacher_tokenizer"
 
 def _check_student(c: checks.Checker) -> None:
     checks.check_model(c, model_type=altclip.MODEL_TYPE, presets=altclip.PRESETS, config_class=altclip.AltCLIPConfig)
-    c.directory("model.text_init_from", want="config.json")
+    c.directory("model.text_init_from", want="config.json", resolve=directories.model_dir)
 
 
 def check_distill(c: checks.Checker) -> None:
@@ -141,12 +142,13 @@ def set_text_projection(student: altclip.AltCLIPModel, teacher: CLIPTextTeacher,
 
 
 def load_xlm_roberta(student: altclip.AltCLIPModel, path: str) -> None:
-    """Loads an HF XLM-R checkpoint (``XLMRobertaModel`` or ``...ForMaskedLM``: keys with or without
-    ``roberta.``; pooler and LM head ignored) into the student's ``text_model.roberta``; the
-    ``pre_LN`` and ``transformation`` that AltCLIP adds keep their initialisation."""
+    """Loads an HF XLM-R checkpoint (a directory or a Hub id; ``XLMRobertaModel`` or
+    ``...ForMaskedLM``: keys with or without ``roberta.``; pooler and LM head ignored) into the
+    student's ``text_model.roberta``; the ``pre_LN`` and ``transformation`` that AltCLIP adds keep
+    their initialisation."""
     roberta = student.text_model.roberta
     rows = xlm_roberta.roberta_rows(student.config.text_config)
-    weights = open_weights(path)
+    weights = open_weights(directories.model_dir(path))
     tensors = {k[len("roberta."):] if k.startswith("roberta.") else k: weights[k] for k in weights.keys()}
     table = Table(rows=tuple(rows), aliases=xlm_roberta.ALIASES,
                   ignore=tuple(bert.IGNORED_BUFFERS) + (r"^pooler\.", r"^lm_head\."))
