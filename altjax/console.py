@@ -27,7 +27,10 @@ from tqdm import tqdm
 
 # Off a terminal a bar becomes a log line this often at most.
 LOG_INTERVAL_S = 15.0
-LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:3.0f}%) {rate_fmt}, elapsed {elapsed}, eta {remaining}"
+# rate_text (Progress.format_dict): tqdm's own rate_fmt pads the number and inverts slow rates
+# ("1.89s/steps").
+LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {rate_text}, elapsed {elapsed}, eta {remaining}"
+OPEN_LINE_FORMAT = "{desc}: {n_fmt} {unit}, {rate_text}, elapsed {elapsed}"  # no total known
 
 HELP_WIDTH = 100  # the epilogs of --help, laid out by hand
 VERBOSE_HELP = "show the INFO and WARNING messages of tfds, absl, orbax and transformers, and altjax's INFO logs"
@@ -79,10 +82,26 @@ class Progress(tqdm):
         terminal = _is_terminal(file)
         if not terminal:
             # The rate of a line is the average since the start, not tqdm's recent estimate.
-            kwargs = {"mininterval": LOG_INTERVAL_S, "smoothing": 0, "bar_format": LINE_FORMAT, **kwargs}
+            kwargs = {"mininterval": LOG_INTERVAL_S, "smoothing": 0,
+                      "bar_format": OPEN_LINE_FORMAT if total is None else LINE_FORMAT, **kwargs}
             file = _Lines(file)
         super().__init__(total=total, desc=desc, unit=unit, file=file, dynamic_ncols=terminal,
                          disable=not enabled or jax.process_index() != 0, **kwargs)
+
+    @property
+    def format_dict(self):
+        values = super().format_dict
+        rate, done = values["rate"], values["n"] - values.get("initial", 0)
+        if not rate and done > 0 and values["elapsed"]:
+            rate = done / values["elapsed"]
+        unit = values["unit"]
+        if not rate:
+            values["rate_text"] = f"? {unit}/s"
+        elif values.get("unit_scale"):
+            values["rate_text"] = f"{tqdm.format_sizeof(rate)}{unit}/s"
+        else:
+            values["rate_text"] = f"{rate:.2f} {unit}/s"
+        return values
 
 
 def echo(line: str) -> None:

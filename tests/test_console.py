@@ -10,7 +10,7 @@ import pytest
 
 from altjax import console
 
-LINE = re.compile(r"^work: (\d+)/10 items \(\s*\d+%\) (\S+)items/s, elapsed \d\d:\d\d, eta \S+$")
+LINE = re.compile(r"^work: (\d+)/10 items \(\d+%\), (\?|\d+\.\d\d) items/s, elapsed \d\d:\d\d, eta \S+$")
 
 
 class Terminal(io.StringIO):
