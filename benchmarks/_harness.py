@@ -57,8 +57,8 @@ def configs(name: str):
 
 
 def scanned(cfg):
-    """``cfg`` with ``scan_layers`` on in every tower config that has the field (BERT, XLM-R, the
-    CLIP ViT; EfficientNet has none and stays unrolled)."""
+    """``cfg`` with ``scan_layers`` on in every tower config that has the field (every tower:
+    BERT, XLM-R, the CLIP ViT, EfficientNet)."""
     towers = {f.name: dataclasses.replace(getattr(cfg, f.name), scan_layers=True) for f in dataclasses.fields(cfg)
               if hasattr(getattr(cfg, f.name), "scan_layers")}
     return dataclasses.replace(cfg, **towers)

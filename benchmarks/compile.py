@@ -9,12 +9,12 @@ through ``altjax.train.load_config`` with overrides, the run through
 ``altjax.training.loop.build_run`` (the model with the recipe's remat setting on every layer, its
 frozen parameters, optimiser and objective), the state sharded over the mesh as the training loop
 shards it, and ``altjax.training.loop.build_step``'s jitted step. Once with the towers' layers
-unrolled (``scan_layers`` false) and once scanned (``scan_layers`` true in ``model.text`` and,
-where the tower has the field, ``model.vision``):
+unrolled (``scan_layers`` false) and once scanned (``scan_layers`` true in ``model.text`` and
+``model.vision``):
 
     align-base   configs/align_base.py: EfficientNet-B7 at 289 px + BERT-base, bf16, LAMB, remat
-                 (dots_with_no_batch_dims_saveable). Only BERT scans: EfficientNet has no
-                 ``scan_layers`` and stays unrolled either way. The recipe's BatchNorm statistics
+                 (dots_with_no_batch_dims_saveable); scanned, EfficientNet runs each stage's
+                 repeats as one scan. The recipe's BatchNorm statistics
                  per 16 examples become per device's batch where that is smaller.
     altclip-b32  configs/altclip_contrastive.py with ``model.vision`` a ViT-B/32 (width 768, 12
                  layers, 12 heads, MLP 3072, 32 px patches, 224 px images); the recipe's text tower.
@@ -67,13 +67,13 @@ VIT_B32 = dict(image_size=224, patch_size=32, hidden_size=768, num_hidden_layers
 XLMR_TEXT = f"model.text={{'vocab_size': {XLMR_VOCAB}}}"
 # (recipe, overrides, the towers with a scan_layers field).
 MODELS = {
-    "align-base": ("align_base.py", ["data.source=scenes", "data.tokenizer=scenes"], ("text",)),
+    "align-base": ("align_base.py", ["data.source=scenes", "data.tokenizer=scenes"], ("text", "vision")),
     "altclip-b32": ("altclip_contrastive.py", ["data.tokenizer=scenes-xlmr", XLMR_TEXT, f"model.vision={VIT_B32!r}"],
                     ("text", "vision")),
     "altclip-l14": ("altclip_contrastive.py", ["data.tokenizer=scenes-xlmr", XLMR_TEXT], ("text", "vision")),
     "altclip-tiny": ("altclip_contrastive.py", ["data.tokenizer=scenes-xlmr", "model.preset=altclip-tiny",
                                                 "model.projection_dim=16"], ("text", "vision")),
-    "demo": ("demo.py", [], ("text",)),
+    "demo": ("demo.py", [], ("text", "vision")),
 }
 # align-base is left out by default: on a 2-core CPU its two compilations and state builds alone take
 # about 12 minutes, the two AltCLIPs together about 8.

@@ -81,7 +81,7 @@ def test_scanned_turns_on_every_tower_that_scans():
     from altjax.models.altclip import AltCLIPConfig
 
     align = _harness().scanned(AlignConfig.from_preset("align-tiny"))
-    assert align.text_config.scan_layers and not hasattr(align.vision_config, "scan_layers")
+    assert align.text_config.scan_layers and align.vision_config.scan_layers
     altclip = _harness().scanned(AltCLIPConfig.from_preset("altclip-tiny"))
     assert altclip.text_config.scan_layers and altclip.vision_config.scan_layers
 

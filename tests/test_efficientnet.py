@@ -23,6 +23,8 @@ from flax import nnx
 from altjax.model_io import engine
 from altjax.models.efficientnet import (
     EFFICIENTNET_PRESETS,
+    BlockStack,
+    block_groups,
     EfficientNet,
     EfficientNetConfig,
     block_specs,
@@ -143,14 +145,15 @@ def compare_outputs(out, ref, what, atol=1e-5):
         ("k3375-max", 33, 2),
     ],
 )
-def test_eval_matches_align_vision_model(name, size, batch):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_eval_matches_align_vision_model(name, size, batch, scan):
     hc = hf_config(name)
-    cfg = EfficientNetConfig.from_hf(hc.to_dict())
+    cfg = EfficientNetConfig.from_hf(hc.to_dict(), scan_layers=scan)
     tm = torch_model(hc, seed=1).eval()
     x = images(batch, size, seed=2)
     with torch.no_grad():
         ref = tm(nchw(x), output_hidden_states=True)
-    compare_outputs(jitted(convert_state(torch_state(tm), cfg))(x), ref, f"{name} {size}px eval")
+    compare_outputs(jitted(convert_state(torch_state(tm), cfg))(x), ref, f"{name} {size}px eval{' scanned' * scan}")
 
 
 def train_step(model, x, w):
@@ -179,8 +182,10 @@ def train_step(model, x, w):
 
 
 def torch_grads(flat, cfg):
-    """NNX gradients under their PyTorch parameter names, in the PyTorch layout."""
-    return {r.torch: engine.LAYOUTS[r.layout][1](flat[r.nnx]) for r in efficientnet_table(cfg).rows if r.nnx in flat}
+    """NNX gradients under their PyTorch parameter names, in the PyTorch layout (a stacked
+    gradient's row read at its layer index)."""
+    return {r.torch: engine.LAYOUTS[r.layout][1](flat[r.nnx] if r.index is None else flat[r.nnx][r.index])
+            for r in efficientnet_table(cfg).rows if r.nnx in flat}
 
 
 def compare_running_stats(model, tm_state, cfg, what):
@@ -191,9 +196,10 @@ def compare_running_stats(model, tm_state, cfg, what):
 
 
 @pytest.mark.parametrize("name,size", [("k353-w0.5-d1.2-pad5", 33), ("k53-w1.3-d0.8-pad0", 47)])
-def test_train_mode_outputs_running_stats_and_gradients_match(name, size):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_train_mode_outputs_running_stats_and_gradients_match(name, size, scan):
     hc = hf_config(name, drop_connect_rate=0.0)
-    cfg = EfficientNetConfig.from_hf(hc.to_dict())
+    cfg = EfficientNetConfig.from_hf(hc.to_dict(), scan_layers=scan)
     tm = torch_model(hc, seed=3)
     model = convert_state(torch_state(tm), cfg)
     model.train()
@@ -283,9 +289,10 @@ def test_bn_group_size_equals_running_each_group_separately():
         model(jnp.asarray(images(3, 33, seed=9)))
 
 
-def test_train_mode_dropout_is_active_and_eval_restores():
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_train_mode_dropout_is_active_and_eval_restores(scan):
     hc = hf_config("k53-w1.3-d0.8-pad0", drop_connect_rate=0.5)
-    cfg = EfficientNetConfig.from_hf(hc.to_dict())
+    cfg = EfficientNetConfig.from_hf(hc.to_dict(), scan_layers=scan)
     model = convert_state(torch_state(torch_model(hc, seed=10).eval()), cfg)
     x = jnp.asarray(images(2, 33, seed=11))
     before = jitted(model, False)(x).pooler_output
@@ -299,10 +306,39 @@ def test_train_mode_dropout_is_active_and_eval_restores():
     np.testing.assert_array_equal(np.asarray(after), np.asarray(before), err_msg="eval() did not turn dropout off")
 
 
+def test_a_scanned_block_drops_at_its_own_rate():
+    """The dropout of a scanned block takes its rate as data (the scan's per-layer input): zeros at
+    that rate, the kept values scaled by 1 / (1 - rate), as nnx.Dropout at a static rate."""
+    cfg = EfficientNetConfig(**CONFIGS["k53-w1.3-d0.8-pad0"], scan_layers=True)
+    model = EfficientNet(cfg, rngs=nnx.Rngs(0))
+    stacked = next(g for g in model.encoder.groups if isinstance(g, BlockStack))
+    layer = nnx.merge(*nnx.split(stacked.layers))  # the stack's first layer, as the scan sees it
+    projection = jax.tree.map(lambda x: x[0], layer).projection
+    projection.dropout.deterministic = False
+    x = jnp.ones((64, 16, 16, 8))
+    for rate in (0.0, 0.25, 0.6):
+        y = np.asarray(projection._dropout_at(x, jnp.float32(rate)))
+        dropped = float(np.mean(y == 0))
+        assert abs(dropped - rate) < 0.01, f"rate {rate}: {dropped:.4f} of the values dropped"
+        kept = np.unique(y[y != 0])
+        assert np.allclose(kept, 1 / (1 - rate)), f"rate {rate}: kept values {kept[:4]}, want {1 / (1 - rate)}"
+
+
+def test_scanned_encoder_stacks_the_repeats_of_each_stage():
+    """B7's 55 blocks run as 14 segments: each stage's first block alone, its repeats in one scan."""
+    groups = block_groups(block_specs(EfficientNetConfig()))
+    assert [len(g) for g in groups] == [1, 3, 1, 6, 1, 6, 1, 9, 1, 9, 1, 12, 1, 3], [len(g) for g in groups]
+    # A depthwise padding listed for one repeat (not for its neighbours) cuts its run.
+    specs = block_specs(EfficientNetConfig(depthwise_padding=(9,)))
+    assert [[s.index for s in g] for g in block_groups(specs)][2:6] == [[4], [5, 6, 7, 8], [9], [10]], \
+        [[s.index for s in g] for g in block_groups(specs)]
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_round_trip_is_bit_exact(name):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_round_trip_is_bit_exact(name, scan):
     hc = hf_config(name)
-    cfg = EfficientNetConfig.from_hf(hc.to_dict())
+    cfg = EfficientNetConfig.from_hf(hc.to_dict(), scan_layers=scan)
     state = torch_state(torch_model(hc, seed=12))
     back = engine.nnx_to_torch(engine.model_params(convert_state(state, cfg)), efficientnet_table(cfg), on_disk=False)
     assert list(back) == list(state), "export order differs from the state_dict order"
@@ -331,12 +367,13 @@ def test_config_round_trip_defaults_and_group_size():
     ref = transformers.AlignVisionConfig().to_dict()
     ours = EfficientNetConfig()
     for f in dataclasses.fields(ours):
-        if f.name not in ("extra", "bn_group_size"):
+        if f.name not in ("extra", "bn_group_size", "scan_layers"):
             want = tuple(ref[f.name]) if isinstance(ref[f.name], list) else ref[f.name]
             assert getattr(ours, f.name) == want, f"default {f.name}: {getattr(ours, f.name)!r} != HF {ref[f.name]!r}"
     grouped = EfficientNetConfig(bn_group_size=16)
     assert grouped.to_hf()["bn_group_size"] == 16 and EfficientNetConfig.from_hf(grouped.to_hf()) == grouped
     assert "bn_group_size" not in EfficientNetConfig().to_hf()
+    assert "scan_layers" not in EfficientNetConfig(scan_layers=True).to_hf(), "an altjax field in the HF dict"
     # Hashable despite the dict of extra keys and lists given in Python: the config is static module data.
     cfg = EfficientNetConfig(**CONFIGS["k353-w0.5-d1.2-pad5"], extra={"k": [1]})
     assert hash(nnx.graphdef(nnx.eval_shape(lambda: EfficientNet(cfg, rngs=nnx.Rngs(0)))))

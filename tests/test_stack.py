@@ -5,7 +5,6 @@ Whether remat acts per layer is read from the program: the gradient's jaxpr hold
 without remat agree to float rounding (1e-6 of the largest gradient, as the training tests).
 """
 import dataclasses
-import re
 
 import jax
 import jax.extend
@@ -119,28 +118,36 @@ def _scanned(config, scan: bool):
 
 
 @pytest.mark.parametrize("model_class, config", [
-    (AlignModel, AlignConfig.from_preset("align-tiny")),
+    (AlignModel, dataclasses.replace(AlignConfig.from_preset("align-tiny"), vision_config=EfficientNetConfig(
+        image_size=16, width_coefficient=1.0, depth_coefficient=1.0, kernel_sizes=(3, 3), in_channels=(32, 16),
+        out_channels=(16, 40), strides=(1, 2), num_block_repeats=(1, 3), expand_ratios=(1, 2), hidden_dim=16))),
     (AltCLIPModel, AltCLIPConfig.from_preset("altclip-tiny")),
 ], ids=["align", "altclip"])
 def test_layer_axis_names_exactly_the_stacked_variables(model_class, config):
-    """``sharding.layer_axis`` (what sharding and the optimizer read) against the models themselves:
-    a variable of a scanned model is stacked iff it is the per-layer variable of the unrolled model
-    with a leading axis of the layer count, and nothing else matches."""
+    """``sharding.layer_axis`` (what sharding and the optimizer read) against the conversion tables:
+    each tensor of transformers' state dict is, in the scanned model, a variable that layer_axis
+    calls stacked exactly when the table fills one index of it, with the unrolled variable's shape
+    under a leading layer axis; and no variable of the unrolled model is called stacked."""
     def shapes(scan):
         model = nnx.eval_shape(lambda: model_class(_scanned(config, scan), rngs=nnx.Rngs(0)))
         return {sharding.path_to_str(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(nnx.state(model))}
 
+    def rows(scan):
+        return {r.torch: r for r in model_class.conversion_table(_scanned(config, scan)).rows}
+
     scanned, unrolled = shapes(True), shapes(False)
-    stacked = {path for path in scanned if sharding.layer_axis(path) == 0}
+    scanned_rows, unrolled_rows = rows(True), rows(False)
+    assert set(scanned_rows) == set(unrolled_rows), "the two layouts' tables cover other tensors"
     assert not [p for p in unrolled if sharding.layer_axis(p) is not None], "unrolled variables taken as stacked"
-    assert stacked, "no stacked variable found in a scanned model"
-    per_layer = set()
-    for path in stacked:
-        head, tail = re.match(r"(.*?\blayers?/)(.*)", path).groups()
-        count = scanned[path][0]
-        layers = [f"{head}{i}/{tail}" for i in range(count)]
-        wrong = [p for p in layers if unrolled.get(p) != scanned[path][1:]]
-        assert not wrong, f"{path} {scanned[path]}: no unrolled {wrong[0]} of shape {scanned[path][1:]}"
-        per_layer.update(layers)
-    assert set(scanned) - stacked == set(unrolled) - per_layer, (
-        f"variables outside the stacks differ: {sorted((set(scanned) - stacked) ^ (set(unrolled) - per_layer))[:5]}")
+    stacked = 0
+    for key, row in scanned_rows.items():
+        path, want = row.nnx.replace(".", "/"), unrolled[unrolled_rows[key].nnx.replace(".", "/")]
+        got, axis = scanned[path], sharding.layer_axis(path)
+        if row.index is None:
+            assert axis is None and got == want, f"{key}: {path} {got}, layer axis {axis}; unrolled {want}"
+        else:
+            stacked += 1
+            assert axis == 0 and got[1:] == want and row.index < got[0], \
+                f"{key}: stacked {path} {got} (layer axis {axis}) does not hold index {row.index} of shape {want}"
+    towers = {key.split(".")[0] for key, row in scanned_rows.items() if row.index is not None}
+    assert stacked and towers == {"text_model", "vision_model"}, f"stacked tensors only in {towers}"

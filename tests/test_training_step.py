@@ -271,14 +271,27 @@ def in_torch_keys(state: dict, config: AlignConfig) -> dict:
                                on_disk=False)
 
 
-def test_scanned_text_layers_train_as_unrolled_ones():
+def _deeper(config, tower: str, *, scan: bool):
+    """``config`` with its ``tower`` deep enough to stack, scanned or not: 3 BERT layers, or an
+    EfficientNet whose stage repeats its block twice more (no drop-connect: the two layouts draw
+    other masks)."""
+    if tower == "text":
+        return dataclasses.replace(config, text_config=dataclasses.replace(
+            config.text_config, num_hidden_layers=3, scan_layers=scan))
+    return dataclasses.replace(config, vision_config=dataclasses.replace(
+        config.vision_config, num_block_repeats=(3,), drop_connect_rate=0.0, scan_layers=scan))
+
+
+@pytest.mark.parametrize("tower, stacked_key", [
+    ("text", "text_model.encoder.layer.attention.self.query.kernel"),
+    ("vision", "vision_model.encoder.groups.1.layers.depthwise_conv.depthwise_conv.kernel"),
+])
+def test_scanned_layers_train_as_unrolled_ones(tower, stacked_key):
     """LAMB steps (per-parameter trust ratios, weight decay) on 8 devices (FSDP) from the same
-    weights: BERT's layers stacked and scanned train exactly as unrolled (losses 1e-5, every
-    parameter and statistic after 2 steps within 1e-5 of the largest)."""
-    unrolled_config = dataclasses.replace(tiny_config(), text_config=dataclasses.replace(
-        tiny_config().text_config, num_hidden_layers=3))
-    scanned_config = dataclasses.replace(unrolled_config, text_config=dataclasses.replace(
-        unrolled_config.text_config, scan_layers=True))
+    weights: BERT's layers, or EfficientNet's repeated blocks (BatchNorm statistics updated inside
+    the scan), stacked and scanned train exactly as unrolled (losses 1e-5, every parameter and
+    statistic after 2 steps within 1e-5 of the largest)."""
+    unrolled_config, scanned_config = (_deeper(tiny_config(), tower, scan=scan) for scan in (False, True))
     mesh, batches = sharding.make_mesh(), [make_batch(seed=s) for s in range(2)]
     unrolled = sharding.sharded_init(lambda rngs: AlignModel(unrolled_config, rngs=rngs), mesh, seed=0)
     scanned = nnx.eval_shape(lambda: AlignModel(scanned_config, rngs=nnx.Rngs(0)))
@@ -286,14 +299,14 @@ def test_scanned_text_layers_train_as_unrolled_ones():
     engine.load_params(scanned, engine.torch_to_nnx(tensors, AlignModel.conversion_table(scanned_config),
                                                     engine.model_shapes(scanned)))
     nnx.reseed(scanned, default=0, dropout=0, policy="match_shape")
-    assert "text_model.encoder.layer.attention.self.query.kernel" in engine.model_shapes(scanned), "not stacked"
+    assert stacked_key in engine.model_shapes(scanned), f"not stacked: {sorted(engine.model_shapes(scanned))[:5]}"
     _, one, one_losses = run_steps(unrolled_config, mesh, batches, model=unrolled)
     _, other, other_losses = run_steps(scanned_config, mesh, batches, model=scanned)
     for i, (a, b) in enumerate(zip(other_losses, one_losses)):
-        assert_close(a, b, atol=1e-5, what=f"step {i + 1} loss scanned vs unrolled")
+        assert_close(a, b, atol=1e-5, what=f"{tower}: step {i + 1} loss scanned vs unrolled")
     expected, got = in_torch_keys(one, unrolled_config), in_torch_keys(other, scanned_config)
     assert got.keys() == expected.keys(), f"different tensors: {sorted(got.keys() ^ expected.keys())[:5]}"
-    assert_trees_close(got, expected, 1e-5, "after 2 LAMB steps, scanned vs unrolled")
+    assert_trees_close(got, expected, 1e-5, f"{tower}: after 2 LAMB steps, scanned vs unrolled")
 
 
 def test_weight_decay_mask_skips_norms_biases_and_temperature():

@@ -5,7 +5,9 @@ A stem (fixed (0, 1) zero padding, 3x3 stride-2 conv, BatchNorm, swish) followed
 global pooling. Unlike transformers' ``EfficientNetModel`` there is no top conv: the pooled last
 block is the image feature. Module attribute names mirror the PyTorch module names
 (``embeddings.convolution``, ``encoder.blocks[i].depthwise_conv.depthwise_norm``, ...) so that the
-table of transformers' state dict at the end of this file reads as a plain rename. The BatchNorm
+table of transformers' state dict at the end of this file reads as a plain rename. With
+``scan_layers`` the repeats of each stage are stacked and scanned (``encoder.groups``,
+:func:`block_groups`); the table stacks and unstacks their rows. The BatchNorm
 and the depthwise convolution, with their hand-written gradients, are in ``altjax.models.ops``.
 
 Images are NHWC. Every padding is explicit and equals the reference's: PyTorch's stride-2 layers
@@ -23,7 +25,7 @@ from flax import nnx
 
 from altjax.model_io.engine import Row, Table, batch_norm_rows, conv_rows
 from altjax.models import inputs, layers, stack
-from altjax.models.configuration import config_from_hf, config_to_hf
+from altjax.models.configuration import altjax_field, config_from_hf, config_to_hf
 from altjax.models.ops.batch_norm import TORCH_DEFAULT_BN_MOMENTUM, BatchNorm
 from altjax.models.ops.depthwise_conv import DepthwiseConv
 from altjax.models.outputs import TowerOutput
@@ -69,6 +71,9 @@ class EfficientNetConfig:
     batch_norm_momentum: float = 0.99
     drop_connect_rate: float = 0.2
     bn_group_size: Optional[int] = None
+    # altjax's own (not written to HF configs): each run of identical blocks within a stage stacked
+    # and run by one scan (EfficientNetEncoder).
+    scan_layers: bool = altjax_field(False)
     # Left out of the hash so that the config (a static attribute of the module) stays hashable.
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
@@ -90,9 +95,9 @@ class EfficientNetConfig:
         return sum(round_repeats(self, r) for r in self.num_block_repeats)
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> "EfficientNetConfig":
+    def from_hf(cls, d: dict[str, Any], **overrides: Any) -> "EfficientNetConfig":
         """From an HF ``AlignVisionConfig`` dict; ``num_hidden_layers`` is dropped (it is derived)."""
-        return config_from_hf(cls, {k: v for k, v in d.items() if k != "num_hidden_layers"})
+        return config_from_hf(cls, {k: v for k, v in d.items() if k != "num_hidden_layers"}, **overrides)
 
     def to_hf(self) -> dict[str, Any]:
         """The HF config dict; ``from_hf(d).to_hf() == d`` for a dict written by transformers."""
@@ -349,11 +354,20 @@ class FinalBlockLayer(nnx.Module):
         self.project_bn = _norm(spec.out_dim, config, config.batch_norm_momentum, dtype)
         self.dropout = nnx.Dropout(spec.drop_rate, deterministic=True, rngs=rngs)
 
-    def __call__(self, block_input: jax.Array, x: jax.Array) -> jax.Array:
+    def __call__(self, block_input: jax.Array, x: jax.Array, drop_rate: Optional[jax.Array] = None) -> jax.Array:
         x = self.project_bn(self.project_conv(x))
         if self.apply_dropout:
-            x = self.dropout(x) + block_input
+            x = (self.dropout(x) if drop_rate is None else self._dropout_at(x, drop_rate)) + block_input
         return x
+
+    def _dropout_at(self, x: jax.Array, rate: jax.Array) -> jax.Array:
+        # The dropout of a scanned block, whose rate is the scan's per-layer input rather than the
+        # static rate nnx.Dropout needs: the same mask distribution, from the same rng stream.
+        if self.dropout.deterministic:
+            return x
+        keep = 1.0 - rate
+        mask = jax.random.bernoulli(self.dropout.rngs(), keep, x.shape)
+        return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
 
 class MBConvBlock(nnx.Module):
@@ -366,24 +380,73 @@ class MBConvBlock(nnx.Module):
         self.squeeze_excite = SqueezeExciteLayer(config, spec, dim, dtype=dtype, rngs=rngs)
         self.projection = FinalBlockLayer(config, spec, dim, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, drop_rate: Optional[jax.Array] = None) -> jax.Array:
         h = self.expansion(x) if self.expansion is not None else x
         h = self.squeeze_excite(self.depthwise_conv(h))
-        return self.projection(x, h)
+        return self.projection(x, h, drop_rate)
+
+
+def block_groups(specs: Sequence[BlockSpec]) -> list[tuple[BlockSpec, ...]]:
+    """``specs`` cut into runs of identical blocks, the layers a scanned encoder stacks: a stage's
+    first block (other channels or stride) stands alone, and its repeats form one run unless a
+    depthwise padding listed for some of them splits it. Blocks of a run differ only in their
+    drop-connect rate, which the scan takes as a per-layer input."""
+    groups: list[list[BlockSpec]] = []
+    for spec in specs:
+        same = dataclasses.replace(spec, index=0, drop_rate=0.0)
+        if groups and not spec.id_skip and dataclasses.replace(groups[-1][0], index=0, drop_rate=0.0) == same:
+            groups[-1].append(spec)
+        else:
+            groups.append([spec])
+    return [tuple(g) for g in groups]
+
+
+class BlockStack(nnx.Module):
+    """A run of identical MBConv blocks (:func:`block_groups`) stacked for a scan under the
+    attribute ``layers`` (which ``altjax.sharding.layer_axis`` recognises as stacked)."""
+
+    def __init__(self, config: EfficientNetConfig, specs: Sequence[BlockSpec], *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.drop_rates = tuple(spec.drop_rate for spec in specs)
+        self.layers = stack.build(lambda r: MBConvBlock(config, specs[0], dtype=dtype, rngs=r), len(specs), scan=True,
+                                  rngs=rngs)
 
 
 class EfficientNetEncoder(nnx.Module):
     """The MBConv blocks, each rematerialised on its own under ``remat_policy``
-    (:mod:`altjax.models.stack`). They stay unrolled: blocks differ in their drop-connect rates,
-    which are static, so even a stage's repeats are not identical layers to stack."""
+    (:mod:`altjax.models.stack`).
+
+    Unrolled (``blocks[i]``, as transformers), or with ``scan_layers`` as ``groups``: each run of
+    identical blocks within a stage (:func:`block_groups`) stacked in a :class:`BlockStack` and run
+    by one scan, the others as single blocks. The drop-connect rate, which grows from block to
+    block, is the scan's per-layer input."""
 
     def __init__(self, config: EfficientNetConfig, specs: Sequence[BlockSpec], *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.remat_policy: Optional[str] = None
-        self.blocks = nnx.List([MBConvBlock(config, spec, dtype=dtype, rngs=rngs) for spec in specs])
+        self.scan_layers = config.scan_layers
+        if not config.scan_layers:
+            self.blocks = nnx.List([MBConvBlock(config, spec, dtype=dtype, rngs=rngs) for spec in specs])
+            return
+        self.groups = nnx.List([
+            BlockStack(config, group, dtype=dtype, rngs=rngs) if len(group) > 1
+            else MBConvBlock(config, group[0], dtype=dtype, rngs=rngs)
+            for group in block_groups(specs)])
 
     def __call__(self, x: jax.Array, output_hidden_states: bool = False):
-        return stack.run(self.blocks, x, lambda block, h: block(h), scan=False, remat_policy=self.remat_policy,
-                         output_hidden_states=output_hidden_states)
+        if not self.scan_layers:
+            return stack.run(self.blocks, x, lambda block, h: block(h), scan=False, remat_policy=self.remat_policy,
+                             output_hidden_states=output_hidden_states)
+        hidden_states = [x]
+        for group in self.groups:
+            if isinstance(group, BlockStack):
+                x, states = stack.run(group.layers, x, lambda block, h, rate: block(h, rate), scan=True,
+                                      remat_policy=self.remat_policy, output_hidden_states=output_hidden_states,
+                                      per_layer=jnp.asarray(group.drop_rates, jnp.float32))
+            else:
+                x, states = stack.run([group], x, lambda block, h: block(h), scan=False,
+                                      remat_policy=self.remat_policy, output_hidden_states=output_hidden_states)
+            if output_hidden_states:
+                hidden_states.extend(states[1:])
+        return x, tuple(hidden_states) if output_hidden_states else None
 
 
 class EfficientNet(nnx.Module):
@@ -457,11 +520,22 @@ BLOCK = [
 
 
 def efficientnet_rows(config: EfficientNetConfig) -> list[Row]:
-    """Every tensor of the vision tower, keys relative to it (``embeddings.convolution.weight``, ...)."""
+    """Every tensor of the vision tower, keys relative to it (``embeddings.convolution.weight``, ...).
+    With ``scan_layers`` the blocks are the encoder's ``groups``: block ``i`` of transformers is a
+    single group, or index ``j`` of a stacked group's ``layers`` (:func:`block_groups`)."""
     rows = list(STEM)
-    for spec in block_specs(config):
-        template = EXPANSION + BLOCK if spec.expand else BLOCK
-        rows += [Row(r.torch.format(i=spec.index), r.nnx.format(i=spec.index), r.layout) for r in template]
+    if not config.scan_layers:
+        for spec in block_specs(config):
+            template = EXPANSION + BLOCK if spec.expand else BLOCK
+            rows += [Row(r.torch.format(i=spec.index), r.nnx.format(i=spec.index), r.layout) for r in template]
+        return rows
+    for g, group in enumerate(block_groups(block_specs(config))):
+        template = EXPANSION + BLOCK if group[0].expand else BLOCK
+        stacked = len(group) > 1
+        place = f"encoder.groups.{g}.layers." if stacked else f"encoder.groups.{g}."
+        for j, spec in enumerate(group):
+            rows += [Row(r.torch.format(i=spec.index), r.nnx.replace("encoder.blocks.{i}.", place), r.layout,
+                         **({"index": j} if stacked else {})) for r in template]
     return rows
 
 
