@@ -9,7 +9,6 @@ and each uses all the cores.
 """
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import resource
@@ -59,9 +58,9 @@ def configs(name: str):
 def scanned(cfg):
     """``cfg`` with ``scan_layers`` on in every tower config that has the field (every tower:
     BERT, XLM-R, the CLIP ViT, EfficientNet)."""
-    towers = {f.name: dataclasses.replace(getattr(cfg, f.name), scan_layers=True) for f in dataclasses.fields(cfg)
-              if hasattr(getattr(cfg, f.name), "scan_layers")}
-    return dataclasses.replace(cfg, **towers)
+    from altjax.model_io.pretrained import with_scan_layers
+
+    return with_scan_layers(cfg, True)[0]
 
 
 def image_size(cfg) -> int:

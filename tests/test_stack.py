@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from altjax import sharding
+from altjax.model_io.pretrained import with_scan_layers
 from altjax.models import stack
 from altjax.models.align import AlignConfig, AlignModel
 from altjax.models.altclip import AltCLIPConfig, AltCLIPModel
@@ -108,15 +109,6 @@ def test_hidden_states_are_the_input_and_every_layer_output(scan):
     assert model.forward(*text_inputs()).hidden_states is None, "hidden states returned unasked"
 
 
-def _scanned(config, scan: bool):
-    """``config`` with ``scan_layers`` set in each tower config that has it."""
-    towers = {f.name: dataclasses.replace(getattr(config, f.name), scan_layers=scan)
-              for f in dataclasses.fields(config)
-              if dataclasses.is_dataclass(getattr(config, f.name))
-              and any(g.name == "scan_layers" for g in dataclasses.fields(getattr(config, f.name)))}
-    return dataclasses.replace(config, **towers)
-
-
 @pytest.mark.parametrize("model_class, config", [
     (AlignModel, dataclasses.replace(AlignConfig.from_preset("align-tiny"), vision_config=EfficientNetConfig(
         image_size=16, width_coefficient=1.0, depth_coefficient=1.0, kernel_sizes=(3, 3), in_channels=(32, 16),
@@ -129,11 +121,11 @@ def test_layer_axis_names_exactly_the_stacked_variables(model_class, config):
     calls stacked exactly when the table fills one index of it, with the unrolled variable's shape
     under a leading layer axis; and no variable of the unrolled model is called stacked."""
     def shapes(scan):
-        model = nnx.eval_shape(lambda: model_class(_scanned(config, scan), rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: model_class(with_scan_layers(config, scan)[0], rngs=nnx.Rngs(0)))
         return {sharding.path_to_str(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(nnx.state(model))}
 
     def rows(scan):
-        return {r.torch: r for r in model_class.conversion_table(_scanned(config, scan)).rows}
+        return {r.torch: r for r in model_class.conversion_table(with_scan_layers(config, scan)[0]).rows}
 
     scanned, unrolled = shapes(True), shapes(False)
     scanned_rows, unrolled_rows = rows(True), rows(False)

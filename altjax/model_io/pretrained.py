@@ -53,7 +53,7 @@ def _with_altjax_fields(config: Any, d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def _with_scan_layers(config: Any, scan_layers: bool) -> tuple[Any, bool]:
+def with_scan_layers(config: Any, scan_layers: bool) -> tuple[Any, bool]:
     """``config`` with ``scan_layers`` set in it and every nested config that has the field, and
     whether any had it."""
     changes, found = {}, False
@@ -62,7 +62,7 @@ def _with_scan_layers(config: Any, scan_layers: bool) -> tuple[Any, bool]:
         if f.name == SCAN_LAYERS:
             changes[f.name], found = scan_layers, True
         elif dataclasses.is_dataclass(value):
-            value, inner = _with_scan_layers(value, scan_layers)
+            value, inner = with_scan_layers(value, scan_layers)
             if inner:
                 changes[f.name], found = value, True
     return (dataclasses.replace(config, **changes) if changes else config), found
@@ -147,7 +147,7 @@ class PretrainedModel:
             raise CheckpointError(f"{os.path.join(path, CONFIG_NAME)}: {e}") from None
         config = stored
         if scan_layers is not None:
-            config, found = _with_scan_layers(stored, scan_layers)
+            config, found = with_scan_layers(stored, scan_layers)
             if not found and scan_layers:
                 raise ValueError(f"{cls.__name__} has no layers to scan (no scan_layers in its config)")
         stored_shapes = engine.model_shapes(model)
