@@ -78,7 +78,7 @@ class BertEmbeddings(nnx.Module):
         self.position_embeddings = layers.embedding(c.max_position_embeddings, c.hidden_size, dtype=dtype, rngs=rngs)
         self.token_type_embeddings = layers.embedding(c.type_vocab_size, c.hidden_size, dtype=dtype, rngs=rngs)
         self.LayerNorm = layers.layer_norm(c.hidden_size, c.layer_norm_eps, dtype=dtype, rngs=rngs)
-        self.dropout = layers.Dropout(c.hidden_dropout_prob, deterministic=True, rngs=rngs)
+        self.dropout = nnx.Dropout(c.hidden_dropout_prob, deterministic=True, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, position_ids: jax.Array) -> jax.Array:
         words = self.word_embeddings(input_ids)
@@ -101,7 +101,7 @@ class BertSelfAttention(nnx.Module):
         self.query = layers.linear(d, d, dtype=dtype, rngs=rngs)
         self.key = layers.linear(d, d, dtype=dtype, rngs=rngs)
         self.value = layers.linear(d, d, dtype=dtype, rngs=rngs)
-        self.dropout = layers.Dropout(config.attention_probs_dropout_prob, deterministic=True, rngs=rngs)
+        self.dropout = nnx.Dropout(config.attention_probs_dropout_prob, deterministic=True, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
         return layers.dot_product_attention(
@@ -115,7 +115,7 @@ class BertSelfOutput(nnx.Module):
     def __init__(self, din: int, config: BertConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.dense = layers.linear(din, config.hidden_size, dtype=dtype, rngs=rngs)
         self.LayerNorm = layers.layer_norm(config.hidden_size, config.layer_norm_eps, dtype=dtype, rngs=rngs)
-        self.dropout = layers.Dropout(config.hidden_dropout_prob, deterministic=True, rngs=rngs)
+        self.dropout = nnx.Dropout(config.hidden_dropout_prob, deterministic=True, rngs=rngs)
 
     def __call__(self, x: jax.Array, residual: jax.Array) -> jax.Array:
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)

@@ -47,7 +47,7 @@ class CLIPAttention(nnx.Module):
         self.v_proj = _linear(d, d, in_std, dtype=dtype, rngs=rngs)
         self.q_proj = _linear(d, d, in_std, dtype=dtype, rngs=rngs)
         self.out_proj = _linear(d, d, d**-0.5 * f, dtype=dtype, rngs=rngs)
-        self.dropout = layers.Dropout(config.attention_dropout, deterministic=True, rngs=rngs)
+        self.dropout = nnx.Dropout(config.attention_dropout, deterministic=True, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, is_causal: bool = False) -> jax.Array:
         out = layers.dot_product_attention(

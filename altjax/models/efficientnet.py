@@ -352,7 +352,7 @@ class FinalBlockLayer(nnx.Module):
         self.apply_dropout = spec.stride == 1 and not spec.id_skip
         self.project_conv = _conv(dim, spec.out_dim, 1, dtype=dtype, rngs=rngs)
         self.project_bn = _norm(spec.out_dim, config, config.batch_norm_momentum, dtype)
-        self.dropout = layers.Dropout(spec.drop_rate, deterministic=True, rngs=rngs)
+        self.dropout = nnx.Dropout(spec.drop_rate, deterministic=True, rngs=rngs)
 
     def __call__(self, block_input: jax.Array, x: jax.Array, drop_rate: Optional[jax.Array] = None) -> jax.Array:
         x = self.project_bn(self.project_conv(x))
@@ -362,11 +362,11 @@ class FinalBlockLayer(nnx.Module):
 
     def _dropout_at(self, x: jax.Array, rate: jax.Array) -> jax.Array:
         # The dropout of a scanned block, whose rate is the scan's per-layer input rather than the
-        # static rate Dropout needs: the same mask distribution, from the same rng stream.
+        # static rate nnx.Dropout needs: the same mask distribution, from the same rng stream.
         if self.dropout.deterministic:
             return x
         keep = 1.0 - rate
-        mask = layers.dropout_mask(self.dropout.rngs(), keep, x.shape)
+        mask = jax.random.bernoulli(self.dropout.rngs(), keep, x.shape)
         return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
 

@@ -1,4 +1,4 @@
-"""Pieces shared by the towers: activations, dropout, multi-head attention, L2 normalisation.
+"""Pieces shared by the towers: activations, multi-head attention, L2 normalisation.
 
 Parameters are always created in float32; ``dtype`` is the compute dtype (bf16 for mixed precision).
 """
@@ -79,39 +79,6 @@ def embedding(num: int, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.E
     )
 
 
-def dropout_mask(key: jax.Array, keep_prob, shape: tuple[int, ...]) -> jax.Array:
-    """``jax.random.bernoulli(key, keep_prob, shape)``, bit for bit, drawn as a (shape[0], rest) array.
-
-    Threefry's counter is the element's row-major index, so the two draws are equal. XLA:CPU
-    compiles the draw of a rank-3 or rank-4 shape slowly (a bernoulli of (4, 4, 16, 16) takes 1.0 s
-    to compile, of (4, 16, 64) 0.45 s; drawn as two dimensions, 0.18 s and 0.16 s). Keeping the
-    leading axis lets the batch sharding (and a merged head axis after it) reach the draw, so every
-    device still draws only its own share.
-    """
-    rest = 1
-    for size in shape[1:]:
-        rest *= size
-    return jax.random.bernoulli(key, keep_prob, (shape[0], rest) if shape else ()).reshape(shape)
-
-
-class Dropout(nnx.Dropout):
-    """``nnx.Dropout`` (same state, same masks) whose mask comes from :func:`dropout_mask`.
-
-    The towers switch it with ``model.train()`` / ``model.eval()``; the call takes no overrides.
-    """
-
-    def __call__(self, inputs: jax.Array) -> jax.Array:
-        if self.deterministic or self.rate == 0.0:
-            return inputs
-        if self.rate == 1.0:
-            # Not inputs / 0 under a select: its gradient would be 0 / 0.
-            return jnp.zeros_like(inputs)
-        keep = 1.0 - self.rate
-        shape = tuple(1 if i in self.broadcast_dims else n for i, n in enumerate(inputs.shape))
-        mask = jnp.broadcast_to(dropout_mask(self.rngs(), keep, shape), inputs.shape)
-        return jax.lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
-
-
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
@@ -120,7 +87,7 @@ def dot_product_attention(
     num_heads: int,
     mask: Optional[jax.Array] = None,
     is_causal: bool = False,
-    dropout: Optional[Dropout] = None,
+    dropout: Optional[nnx.Dropout] = None,
 ) -> jax.Array:
     """Multi-head scaled dot-product attention on (B, L, H*Dh) projections; returns (B, Lq, H*Dh).
 
