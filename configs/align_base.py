@@ -50,11 +50,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     c.model.projection_dim = 640
     c.model.temperature_init_value = 1.0
+    # Both towers scan their layers (scan_layers): the train step compiles 2.8x faster (162 -> 57 s)
+    # and runs as fast (2.59 -> 2.39 s) and in less memory (4.5 -> 3.5 GB) than unrolled
+    # (benchmarks/compile.py, one CPU device, batch 2).
     c.model.text = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                        intermediate_size=3072, max_position_embeddings=512)
+                        intermediate_size=3072, max_position_embeddings=512, scan_layers=True)
     # EfficientNet-B7 widths/depths; hidden_dim 640 is the pooled feature ALIGN embeds directly.
     c.model.vision = dict(image_size=289, width_coefficient=2.0, depth_coefficient=3.1, hidden_dim=640,
-                          bn_group_size=16)
+                          bn_group_size=16, scan_layers=True)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "webdataset"
