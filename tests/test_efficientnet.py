@@ -27,6 +27,8 @@ from altjax.models.efficientnet import (
     block_groups,
     EfficientNet,
     EfficientNetConfig,
+    _conv,
+    _same_padding,
     block_specs,
     efficientnet_config,
     efficientnet_table,
@@ -304,6 +306,38 @@ def test_train_mode_dropout_is_active_and_eval_restores(scan):
     after = jitted(model, False)(x).pooler_output
     assert float(jnp.max(jnp.abs(dropped - before))) > 1e-2, "train() did not turn the residual dropout on"
     np.testing.assert_array_equal(np.asarray(after), np.asarray(before), err_msg="eval() did not turn dropout off")
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_pointwise_convolutions_run_as_dots(dtype, rtol):
+    """A 1x1 stride-1 convolution runs as a dot over channels (XLA:CPU leaves 1x1 convolutions
+    inside scanned stages as slow generic ones): the same output and gradients as the convolution,
+    with no convolution in its program; other kernels stay convolutions."""
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 5, 7, 8), jnp.float32)
+    pointwise = _conv(8, 12, 1, use_bias=True, dtype=dtype, rngs=nnx.Rngs(0))
+    kernel, bias = pointwise.kernel[...], pointwise.bias[...]
+
+    def reference(x, kernel, bias):
+        y = jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), ((0, 0), (0, 0)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias.astype(dtype)
+
+    graphdef, state = nnx.split(pointwise)
+
+    def ours(x, kernel, bias):
+        module = nnx.merge(graphdef, state, copy=True)
+        module.kernel[...], module.bias[...] = kernel, bias
+        return module(x)
+
+    assert_rel_close(ours(x, kernel, bias), reference(x, kernel, bias), rtol=rtol, what=f"{dtype.__name__} output")
+    for i, name in enumerate(("input", "kernel", "bias")):
+        got = jax.grad(lambda *a: jnp.sum(ours(*a).astype(jnp.float32) ** 2), argnums=i)(x, kernel, bias)
+        want = jax.grad(lambda *a: jnp.sum(reference(*a).astype(jnp.float32) ** 2), argnums=i)(x, kernel, bias)
+        assert_rel_close(got, want, rtol=rtol, what=f"{dtype.__name__} gradient of the {name}")
+    program = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(pointwise(x))))(x))
+    assert "conv_general_dilated" not in program and "dot_general" in program, "the 1x1 convolution is not a dot"
+    wide = _conv(8, 12, 3, padding=_same_padding(3), dtype=dtype, rngs=nnx.Rngs(0))
+    assert "conv_general_dilated" in str(jax.make_jaxpr(wide)(x)), "a 3x3 convolution no longer convolves"
 
 
 def test_a_scanned_block_drops_at_its_own_rate():
